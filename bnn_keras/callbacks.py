@@ -1,0 +1,259 @@
+"""Keras callbacks for the study's training protocol.
+
+- `ClippingSchedule`: vanilla STE without weight clipping first, then clipped STE with
+  weight clipping, a lower learning rate and a lower BN momentum (the study's rules 3 and 5).
+- `BestValidation`: the study's reporting protocol without early stopping: keep the
+  weights and test metrics of the best validation epoch, never stop training.
+
+Both write what they did into the epoch logs, so `History`, `CSVLogger` and TensorBoard
+see it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from bnn_keras import optimizers as bk_optimizers
+from bnn_keras._switch import find_switchables
+
+__all__ = ["BestValidation", "ClippingSchedule"]
+
+
+def _improvement_op(monitor: str, mode: str):
+    """Return `better(current, best, min_delta)` for a metric watched in `mode`."""
+    if mode not in ("auto", "min", "max"):
+        raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+    if mode == "auto":
+        mode = "max" if ("acc" in monitor or "auc" in monitor) else "min"
+    if mode == "max":
+        return (lambda current, best, delta: current > best + delta), -math.inf
+    return (lambda current, best, delta: current < best - delta), math.inf
+
+
+def _batch_norm_layers(model: tf.keras.Model) -> list[tf.keras.layers.BatchNormalization]:
+    return [m for m in model.submodules if isinstance(m, tf.keras.layers.BatchNormalization)]
+
+
+@tf.keras.utils.register_keras_serializable(package="bnn_keras")
+class ClippingSchedule(tf.keras.callbacks.Callback):
+    """Switch a model from the vanilla phase to the clipped phase during `fit`.
+
+    Phase 0 (vanilla): every `SwitchableSteSign` uses the identity STE and every
+    `SwitchableWeightClip` is off. Phase 1 (clipped): clipped STE and weight clipping on.
+    The switch happens at the start of epoch `switch_epoch` (0 = clipped from the start),
+    or after `patience` epochs in which `monitor` did not improve by `min_delta`. At the
+    switch the learning rate is multiplied by `lr_factor` and, if `bn_momentum` is given,
+    every BatchNormalization momentum is set to it.
+
+    ```python
+    model.fit(x, y, epochs=100, validation_split=0.1, callbacks=[
+        ClippingSchedule(patience=10, lr_factor=0.1, bn_momentum=0.8)])
+    ```
+
+    Logs per epoch: `clipping_phase` (0/1, the phase the epoch trained in), `lr` and
+    `bn_momentum`. The phase is read back from the model's switch variables when `fit`
+    starts at an epoch > 0, so a run resumed by `tf.keras.callbacks.BackupAndRestore`
+    continues in the phase it had reached.
+    """
+
+    def __init__(
+        self,
+        switch_epoch: int | None = None,
+        monitor: str = "val_accuracy",
+        patience: int | None = None,
+        mode: str = "auto",
+        min_delta: float = 0.0,
+        lr_factor: float = 1.0,
+        bn_momentum: float | None = None,
+        verbose: int = 1,
+    ):
+        super().__init__()
+        if switch_epoch is None and patience is None:
+            raise ValueError("ClippingSchedule needs switch_epoch or patience, got neither")
+        if switch_epoch is not None and (not isinstance(switch_epoch, int) or switch_epoch < 0):
+            raise ValueError(f"switch_epoch must be an integer >= 0, got {switch_epoch!r}")
+        if patience is not None and (not isinstance(patience, int) or patience < 1):
+            raise ValueError(f"patience must be an integer >= 1, got {patience!r}")
+        if not lr_factor > 0:
+            raise ValueError(f"lr_factor must be > 0, got {lr_factor!r}")
+        if bn_momentum is not None and not 0.0 <= bn_momentum < 1.0:
+            raise ValueError(f"bn_momentum must be in [0, 1), got {bn_momentum!r}")
+        self.switch_epoch = switch_epoch
+        self.monitor = monitor
+        self.patience = patience
+        self.mode = mode
+        self.min_delta = float(min_delta)
+        self.lr_factor = float(lr_factor)
+        self.bn_momentum = bn_momentum
+        self.verbose = verbose
+        self._better, self._best = _improvement_op(monitor, mode)
+        self._wait = 0
+        self.phase = 0
+        self.switched_at_epoch: int | None = None
+        self._first_epoch = True
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        if not find_switchables(self.model):
+            raise ValueError(
+                "ClippingSchedule expected a model with switchable quantisers or weight "
+                "clips (SwitchableSteSign / SwitchableWeightClip), got one with none"
+            )
+        self._first_epoch = True
+        self._wait = 0
+        _, self._best = _improvement_op(self.monitor, self.mode)
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self._first_epoch:
+            self._first_epoch = False
+            if epoch == 0:
+                self._set_phase(0)
+            else:  # resumed: the model's switch variables hold the phase reached
+                self.phase = int(any(s.clipping_enabled for s in find_switchables(self.model)))
+                if self.phase and self.bn_momentum is not None:
+                    self._set_bn_momentum(self.bn_momentum)
+        if self.phase == 0 and self.switch_epoch is not None and epoch >= self.switch_epoch:
+            self.switch(epoch)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if logs is not None:
+            logs["clipping_phase"] = float(self.phase)
+            logs["lr"] = bk_optimizers.current_learning_rate(self.model.optimizer)
+            bns = _batch_norm_layers(self.model)
+            logs["bn_momentum"] = float(bns[0].momentum) if bns else float("nan")
+        if self.phase == 1 or self.patience is None:
+            return
+        current = (logs or {}).get(self.monitor)
+        if current is None:
+            raise ValueError(
+                f"ClippingSchedule monitors {self.monitor!r} but the epoch logs only have "
+                f"{sorted(logs or {})}; pass validation data or another monitor"
+            )
+        if self._better(float(current), self._best, self.min_delta):
+            self._best, self._wait = float(current), 0
+            return
+        self._wait += 1
+        if self._wait >= self.patience:
+            self.switch(epoch + 1)
+
+    def switch(self, epoch: int) -> None:
+        """Enter the clipped phase now (effective from `epoch`)."""
+        self._set_phase(1)
+        self.switched_at_epoch = epoch
+        new_lr = None
+        if self.lr_factor != 1.0:
+            new_lr = bk_optimizers.scale_learning_rate(self.model.optimizer, self.lr_factor)
+        if self.bn_momentum is not None:
+            self._set_bn_momentum(self.bn_momentum)
+        if self.verbose:
+            lr_text = f", learning rate x{self.lr_factor:g} -> {new_lr:.3g}" if new_lr else ""
+            bn_text = f", BN momentum -> {self.bn_momentum}" if self.bn_momentum is not None else ""
+            print(f"\nClippingSchedule: clipped phase from epoch {epoch + 1}{lr_text}{bn_text}")
+
+    def _set_phase(self, phase: int) -> None:
+        self.phase = phase
+        for switchable in find_switchables(self.model):
+            switchable.set_clipping_enabled(bool(phase))
+
+    def _set_bn_momentum(self, momentum: float) -> None:
+        # BN momentum is a Python float baked into the traced graph: retrace once.
+        changed = False
+        for layer in _batch_norm_layers(self.model):
+            changed |= layer.momentum != momentum
+            layer.momentum = momentum
+        if changed:
+            self.model.train_function = None
+            self.model.make_train_function(force=True)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "switch_epoch": self.switch_epoch,
+            "monitor": self.monitor,
+            "patience": self.patience,
+            "mode": self.mode,
+            "min_delta": self.min_delta,
+            "lr_factor": self.lr_factor,
+            "bn_momentum": self.bn_momentum,
+            "verbose": self.verbose,
+        }
+
+
+@tf.keras.utils.register_keras_serializable(package="bnn_keras")
+class BestValidation(tf.keras.callbacks.Callback):
+    """Track the best validation epoch without ever stopping training (the study's protocol).
+
+    Keeps a copy of the weights at the best `monitor` value, the epoch (0-based) and the
+    logs of that epoch, including test metrics when `test_data` is given (evaluated every
+    epoch and logged as `test_<metric>`). Report `best_logs["test_accuracy"]`: the test
+    accuracy at the epoch of best validation accuracy.
+
+    ```python
+    best = BestValidation(test_data=(x_test, y_test))
+    model.fit(x, y, validation_split=0.1, epochs=250, callbacks=[best])
+    best.restore()   # the best-validation weights
+    print(best.best_epoch, best.best_logs["test_accuracy"])
+    ```
+    """
+
+    def __init__(
+        self,
+        monitor: str = "val_accuracy",
+        mode: str = "auto",
+        test_data: Any = None,
+        restore_best_weights: bool = False,
+    ):
+        super().__init__()
+        self.monitor = monitor
+        self.mode = mode
+        self.test_data = test_data
+        self.restore_best_weights = restore_best_weights
+        self._better, self.best = _improvement_op(monitor, mode)
+        self.best_epoch: int | None = None
+        self.best_logs: dict[str, float] = {}
+        self.best_weights: list[np.ndarray] | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        logs = logs if logs is not None else {}
+        if self.test_data is not None:
+            results = self._evaluate_test()
+            logs.update({f"test_{name}": value for name, value in results.items()})
+        current = logs.get(self.monitor)
+        if current is None:
+            raise ValueError(
+                f"BestValidation monitors {self.monitor!r} but the epoch logs only have "
+                f"{sorted(logs)}; pass validation data or another monitor"
+            )
+        if self.best_epoch is None or self._better(float(current), self.best, 0.0):
+            self.best = float(current)
+            self.best_epoch = epoch
+            self.best_logs = {k: float(v) for k, v in logs.items() if np.isscalar(v)}
+            self.best_weights = self.model.get_weights()
+        logs["best_epoch"] = float(self.best_epoch)
+
+    def _evaluate_test(self) -> dict[str, float]:
+        data = self.test_data
+        if isinstance(data, tuple):
+            results = self.model.evaluate(*data, verbose=0, return_dict=True)
+        else:
+            results = self.model.evaluate(data, verbose=0, return_dict=True)
+        return {name: float(value) for name, value in results.items()}
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        if self.restore_best_weights:
+            self.restore()
+
+    def restore(self) -> None:
+        """Put the weights of the best validation epoch back into the model."""
+        if self.best_weights is None:
+            raise ValueError("BestValidation has no best weights yet: no epoch has finished")
+        self.model.set_weights(self.best_weights)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "restore_best_weights": self.restore_best_weights,
+        }

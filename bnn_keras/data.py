@@ -1,0 +1,483 @@
+"""Image-classification datasets, split and preprocessed the way the study did it.
+
+The study (Alizadeh et al., ICLR 2019, section 3) holds out the *last* 10% of the
+training set for validation, standardises every image on its own (per-image
+standardisation) and uses no augmentation. `load` returns batched `tf.data` pipelines
+that do exactly that, from the first of these offline sources that holds:
+
+1. ``name="embedded"`` (the default): 6,000 real Fashion-MNIST images (500 train and
+   100 test images per class) shipped inside the package, so examples, tests and CI
+   run without any download.
+2. ``data_dir`` already holds the dataset prepared by TensorFlow Datasets (TFDS).
+3. ``raw_dir`` holds the original files (IDX files for MNIST / Fashion-MNIST, the
+   CIFAR-10 binary archive); `prepare_raw` turns them into a TFDS dataset in
+   ``data_dir`` once, and route 2 reads it from then on.
+4. Otherwise `DataUnavailableError` names these routes. `load` never downloads.
+
+Example:
+    >>> from bnn_keras import data
+    >>> splits = data.load("embedded", batch_size=100, targets="hinge")
+    >>> splits.input_shape, splits.num_classes
+    ((28, 28, 1), 10)
+    >>> splits.train_size, splits.validation_size, splits.test_size
+    (4500, 500, 1000)
+    >>> images, targets = next(iter(splits.train))
+    >>> images.shape, targets.shape
+    (TensorShape([100, 28, 28, 1]), TensorShape([100, 10]))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import importlib.resources
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+__all__ = [
+    "DataUnavailableError",
+    "DatasetSplits",
+    "KNOWN_RAW",
+    "TARGETS",
+    "embedded_arrays",
+    "load",
+    "prepare_raw",
+    "read_idx",
+    "standardize",
+]
+
+KNOWN_RAW = ("mnist", "fashion_mnist", "cifar10")
+"""Datasets `prepare_raw` can build from original files in a ``raw_dir``."""
+
+TARGETS = ("sparse", "onehot", "hinge")
+"""Target encodings: integer labels, one-hot floats, or +1/-1 for the squared hinge loss."""
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+"""Where Debian's ``dataset-fashion-mnist`` package puts the Fashion-MNIST IDX files."""
+
+_EMBEDDED_FILE = "fashion_mnist_subset.npz"
+_IDX_FILES = {  # split -> (images, labels), the names LeCun's and Zalando's archives use
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_CIFAR10_ARCHIVE = "cifar-10-binary.tar.gz"
+_CIFAR10_FOLDER = "cifar-10-batches-bin"
+_CIFAR10_FILES = {
+    "train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
+    "test": ("test_batch.bin",),
+}
+_CIFAR10_LABEL_NAMES = "batches.meta.txt"
+
+
+class DataUnavailableError(ValueError):
+    """The dataset is neither embedded, nor prepared in ``data_dir``, nor given as raw files."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSplits:
+    """Train / validation / test pipelines of one dataset, with the sizes they hold.
+
+    Every pipeline yields batches ``(images, targets)``: ``images`` float32 NHWC,
+    standardised per image and channel; ``targets`` as chosen by ``load(targets=...)``.
+    Only ``train`` is shuffled (again every epoch, from ``load``'s seed).
+
+    Example:
+        >>> splits = load(limit=200, validation_fraction=0.25)
+        >>> (splits.train_size, splits.validation_size, splits.test_size)
+        (150, 50, 200)
+    """
+
+    train: tf.data.Dataset
+    validation: tf.data.Dataset
+    test: tf.data.Dataset
+    input_shape: tuple[int, ...]
+    num_classes: int
+    train_size: int
+    validation_size: int
+    test_size: int
+    name: str
+
+
+def load(
+    name: str = "embedded",
+    *,
+    data_dir: str | None = None,
+    raw_dir: str | None = None,
+    batch_size: int = 100,
+    validation_fraction: float = 0.1,
+    seed: int = 0,
+    targets: str = "sparse",
+    limit: int | None = None,
+) -> DatasetSplits:
+    """Load a dataset offline as batched train / validation / test pipelines.
+
+    Args:
+        name: ``"embedded"`` (the packaged Fashion-MNIST subset), ``"mnist"``,
+            ``"fashion_mnist"``, ``"cifar10"`` or any other TFDS name whose examples
+            have ``image`` and ``label`` features and which has ``train`` and ``test``
+            splits.
+        data_dir: TFDS data directory holding (or receiving) the prepared dataset;
+            ``None`` means TFDS' default (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
+            Not used for ``"embedded"``.
+        raw_dir: folder with the original files, prepared into ``data_dir`` by
+            `prepare_raw` when ``data_dir`` does not hold the dataset yet. Not used
+            for ``"embedded"``.
+        batch_size: examples per batch; the last batch may be smaller.
+        validation_fraction: share of the training split, taken from its end, held
+            out for validation (the study: 0.1).
+        seed: seed of the training set's shuffle (reshuffled every epoch).
+        targets: ``"sparse"`` int32 labels, ``"onehot"`` float32 vectors, or
+            ``"hinge"`` float32 vectors of +1 for the class and -1 elsewhere.
+        limit: keep only the first ``limit`` training and test examples (quick runs).
+
+    Returns:
+        The pipelines and their sizes. "Last" and "first" refer to the stored order:
+        the file order for the embedded set, TFDS' fixed on-disk order otherwise.
+
+    Raises:
+        DataUnavailableError: no offline source holds the dataset (never downloads).
+        ValueError: an unknown name, a bad option, or a raw file that is missing.
+
+    Example:
+        >>> splits = load("embedded", batch_size=50, seed=1)
+        >>> model.fit(splits.train, validation_data=splits.validation, epochs=2)  # doctest: +SKIP
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+    if targets not in TARGETS:
+        raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+
+    if name == "embedded":
+        (x_train, y_train), (x_test, y_test) = embedded_arrays()
+        x_train, y_train, x_test, y_test = (a[:limit] for a in (x_train, y_train, x_test, y_test))
+        n_train, n_test = len(x_train), len(x_test)
+        n_fit = _fit_size(n_train, validation_fraction)
+        fit, validation, test = (
+            tf.data.Dataset.from_tensor_slices(arrays)
+            for arrays in (
+                (x_train[:n_fit], y_train[:n_fit]),
+                (x_train[n_fit:], y_train[n_fit:]),
+                (x_test, y_test),
+            )
+        )
+        input_shape, num_classes = x_train.shape[1:], 10
+    else:
+        builder = _prepared_builder(name, data_dir, raw_dir)
+        n_train = _split_size(builder, "train", limit)
+        n_test = _split_size(builder, "test", limit)
+        n_fit = _fit_size(n_train, validation_fraction)
+        fit = _read(builder, "train", 0, n_fit)
+        validation = _read(builder, "train", n_fit, n_train)
+        test = _read(builder, "test", 0, n_test)
+        input_shape = builder.info.features["image"].shape
+        num_classes = builder.info.features["label"].num_classes
+
+    def batches(ds: tf.data.Dataset, shuffle: bool) -> tf.data.Dataset:
+        ds = ds.cache()  # decoded uint8 images: decode once, reuse every epoch
+        if shuffle:
+            ds = ds.shuffle(n_fit, seed=seed, reshuffle_each_iteration=True)
+        ds = ds.batch(batch_size, drop_remainder=False)
+        ds = ds.map(
+            lambda x, y: (standardize(x), _encode_targets(y, num_classes, targets)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    return DatasetSplits(
+        train=batches(fit, shuffle=True),
+        validation=batches(validation, shuffle=False),
+        test=batches(test, shuffle=False),
+        input_shape=tuple(int(d) for d in input_shape),
+        num_classes=int(num_classes),
+        train_size=n_fit,
+        validation_size=n_train - n_fit,
+        test_size=n_test,
+        name=name,
+    )
+
+
+def standardize(images: tf.Tensor) -> tf.Tensor:
+    """Standardise each image, channel by channel, to mean 0 and standard deviation 1.
+
+    `tf.image.per_image_standardization` applied to every channel of every image on
+    its own (for one channel it *is* that function): ``(x - mean) / max(std, 1/sqrt(H*W))``.
+    Works on one image ``[H, W, C]`` or a batch ``[..., H, W, C]``.
+
+    Example:
+        >>> x = standardize(tf.random.uniform([8, 32, 32, 3], maxval=255))
+        >>> [round(float(v), 3) for v in tf.math.reduce_std(x, axis=[1, 2])[0]]
+        [1.0, 1.0, 1.0]
+    """
+    images = tf.cast(images, tf.float32)
+    # Channels become single-channel images so the TF op standardises each on its own.
+    channels = tf.experimental.numpy.moveaxis(images, -1, -3)[..., tf.newaxis]
+    channels = tf.image.per_image_standardization(channels)[..., 0]
+    return tf.experimental.numpy.moveaxis(channels, -3, -1)
+
+
+def embedded_arrays() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The packaged Fashion-MNIST subset as ``(x_train, y_train), (x_test, y_test)``.
+
+    5,000 training images (the first 500 of each class in Fashion-MNIST's training
+    file, in file order) and 1,000 test images (the first 100 of each class in the
+    t10k file); images uint8 ``[N, 28, 28, 1]``, labels int64 in 0..9. Made by
+    ``tools/make_embedded_dataset.py``; Fashion-MNIST is (c) Zalando SE, MIT licence.
+
+    Example:
+        >>> (x_train, y_train), (x_test, y_test) = embedded_arrays()
+        >>> x_train.shape, x_test.shape, np.bincount(y_test).tolist()
+        ((5000, 28, 28, 1), (1000, 28, 28, 1), [100, 100, 100, 100, 100, 100, 100, 100, 100, 100])
+    """
+    resource = importlib.resources.files("bnn_keras") / "_embedded" / _EMBEDDED_FILE
+    with resource.open("rb") as file, np.load(file) as arrays:
+        return (
+            (arrays["x_train"], arrays["y_train"].astype(np.int64)),
+            (arrays["x_test"], arrays["y_test"].astype(np.int64)),
+        )
+
+
+def prepare_raw(name: str, raw_dir: str, data_dir: str) -> str:
+    """Write original dataset files as the TFDS dataset ``name`` into ``data_dir``.
+
+    Afterwards ``tfds.builder(name, data_dir=data_dir)`` (and `load`) read it like a
+    dataset TFDS had downloaded: same name, version, features and example keys. The
+    files are parsed with numpy, so copies that differ from TFDS' download checksums
+    (e.g. Debian's re-compressed ones) work. Data is written to a temporary folder in
+    ``data_dir`` and moved into place only when complete. Does nothing if the dataset
+    is already prepared there.
+
+    Expected files in ``raw_dir``: for ``mnist`` and ``fashion_mnist``
+    ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``
+    and ``t10k-labels-idx1-ubyte``, each optionally ``.gz``; for ``cifar10``
+    ``cifar-10-binary.tar.gz`` or its extracted ``cifar-10-batches-bin/`` folder.
+
+    Returns:
+        The prepared dataset's folder, ``data_dir/<name>/<version>``.
+
+    Example:
+        >>> prepare_raw("fashion_mnist", DEBIAN_FASHION_MNIST, "/tmp/tfds")  # doctest: +SKIP
+        '/tmp/tfds/fashion_mnist/3.0.1'
+    """
+    if name not in KNOWN_RAW:
+        raise ValueError(f"prepare_raw supports {KNOWN_RAW}, got {name!r}")
+    target = tfds.builder(name, data_dir=data_dir)
+    if target.is_prepared():
+        return os.fspath(target.data_path)
+    if not os.path.isdir(raw_dir):
+        raise ValueError(f"raw_dir {raw_dir!r} is not a directory")
+    if target.data_path.exists():
+        raise ValueError(
+            f"{os.fspath(target.data_path)!r} exists but is not a prepared dataset: remove it"
+        )
+
+    features = target.info.features
+    if name == "cifar10":
+        splits, label_names = _read_cifar10(raw_dir)
+        if label_names:
+            features["label"].names = label_names
+    else:
+        splits = {split: _read_idx_pair(raw_dir, split) for split in _IDX_FILES}
+
+    os.makedirs(data_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}-incomplete-", dir=data_dir)
+    try:
+        written = tfds.dataset_builders.store_as_tfds_dataset(
+            name=name,
+            version=target.version,
+            features=features,
+            split_datasets={
+                split: _examples(name, split, images, labels)
+                for split, (images, labels) in splits.items()
+            },
+            data_dir=staging,
+            description=target.info.description,
+            homepage=target.info.homepage,
+            citation=target.info.citation,
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+        )
+        target.data_path.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(written.data_path, target.data_path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return os.fspath(target.data_path)
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Read an IDX file of unsigned bytes (MNIST's format), gzipped or not.
+
+    Example:
+        >>> read_idx(f"{DEBIAN_FASHION_MNIST}/t10k-labels-idx1-ubyte.gz").shape  # doctest: +SKIP
+        (10000,)
+    """
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as file:
+        content = file.read()
+    if len(content) < 4 or content[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path!r} is not an IDX file of unsigned bytes")
+    ndim = content[3]
+    shape = tuple(int(d) for d in np.frombuffer(content, ">u4", count=ndim, offset=4))
+    data = np.frombuffer(content, np.uint8, offset=4 + 4 * ndim)
+    if data.size != np.prod(shape):
+        raise ValueError(f"{path!r} holds {data.size} bytes of data, its header says {shape}")
+    return data.reshape(shape)
+
+
+def _prepared_builder(
+    name: str, data_dir: str | None, raw_dir: str | None
+) -> tfds.core.DatasetBuilder:
+    """The TFDS builder of ``name``, prepared from ``raw_dir`` if needed; never downloads."""
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(
+            f"unknown dataset {name!r}: expected 'embedded', one of {KNOWN_RAW} "
+            "or another TFDS image-classification dataset name"
+        ) from None
+    features = builder.info.features
+    parts = dict(features.items()) if isinstance(features, tfds.features.FeaturesDict) else {}
+    if (
+        not isinstance(parts.get("image"), tfds.features.Image)
+        or not isinstance(parts.get("label"), tfds.features.ClassLabel)
+        or None in parts["image"].shape
+    ):
+        raise ValueError(
+            f"dataset {name!r} is not supported: it needs an 'image' feature of fixed "
+            f"shape and a 'label' ClassLabel feature, it has {features}"
+        )
+    if builder.is_prepared():
+        return builder
+    if raw_dir is not None:
+        if name not in KNOWN_RAW:
+            raise ValueError(f"raw_dir works for {KNOWN_RAW} only, got {name!r}")
+        prepare_raw(name, raw_dir, data_dir or os.fspath(builder.data_dir_root))
+        return tfds.builder(name, data_dir=data_dir)
+    raise DataUnavailableError(
+        f"dataset {name!r} is not prepared in data_dir {os.fspath(builder.data_dir_root)!r} "
+        "and no raw files were given: pass --data-dir with a prepared TFDS dataset, "
+        "--raw-dir with the original files (e.g. Debian's dataset-fashion-mnist: "
+        f"{DEBIAN_FASHION_MNIST}), or use the embedded default ('embedded')"
+    )
+
+
+def _fit_size(n_train: int, validation_fraction: float) -> int:
+    """Training examples left once the last ``validation_fraction`` is held out."""
+    n_fit = n_train - round(n_train * validation_fraction)
+    if n_fit < 1:
+        raise ValueError(
+            f"validation_fraction={validation_fraction} leaves none of {n_train} examples "
+            "for training"
+        )
+    return n_fit
+
+
+def _split_size(builder: tfds.core.DatasetBuilder, split: str, limit: int | None) -> int:
+    if split not in builder.info.splits:
+        raise ValueError(
+            f"dataset {builder.name!r} has no {split!r} split (it has {list(builder.info.splits)})"
+        )
+    size = builder.info.splits[split].num_examples
+    return size if limit is None else min(size, limit)
+
+
+def _read(builder: tfds.core.DatasetBuilder, split: str, start: int, stop: int) -> tf.data.Dataset:
+    """Examples ``start:stop`` of a split, in stored order, as ``(image, label)`` pairs."""
+    # TFDS rejects empty slices; an empty validation set (fraction 0) is legitimate.
+    instruction = f"{split}[{start}:{stop}]" if stop > start else f"{split}[:1]"
+    ds = builder.as_dataset(split=instruction, shuffle_files=False)
+    ds = ds.map(lambda example: (example["image"], example["label"]))
+    return ds if stop > start else ds.take(0)
+
+
+def _encode_targets(labels: tf.Tensor, num_classes: int, targets: str) -> tf.Tensor:
+    labels = tf.cast(labels, tf.int32)
+    if targets == "sparse":
+        return labels
+    onehot = tf.one_hot(labels, num_classes, dtype=tf.float32)
+    return onehot if targets == "onehot" else 2.0 * onehot - 1.0
+
+
+def _read_idx_pair(raw_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``[N, 28, 28, 1]`` and labels of one split from IDX files in ``raw_dir``."""
+    images_file, labels_file = (_find_file(raw_dir, stem) for stem in _IDX_FILES[split])
+    images, labels = read_idx(images_file), read_idx(labels_file)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(
+            f"{images_file!r} and {labels_file!r} do not hold N images and N labels: "
+            f"shapes {images.shape} and {labels.shape}"
+        )
+    return images[..., np.newaxis], labels
+
+
+def _find_file(raw_dir: str, stem: str) -> str:
+    for candidate in (stem, stem + ".gz"):
+        path = os.path.join(raw_dir, candidate)
+        if os.path.isfile(path):
+            return path
+    raise ValueError(f"raw_dir {raw_dir!r} has no {stem!r} (or {stem + '.gz'!r})")
+
+
+def _read_cifar10(
+    raw_dir: str,
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str] | None]:
+    """CIFAR-10's binary batches from the archive or its extracted folder in ``raw_dir``."""
+    folder = os.path.join(raw_dir, _CIFAR10_FOLDER)
+    archive = os.path.join(raw_dir, _CIFAR10_ARCHIVE)
+    if not os.path.isdir(folder) and os.path.isfile(os.path.join(raw_dir, "data_batch_1.bin")):
+        folder = raw_dir  # raw_dir is the extracted folder itself
+    if os.path.isdir(folder):
+        members = (*_CIFAR10_FILES["train"], *_CIFAR10_FILES["test"], _CIFAR10_LABEL_NAMES)
+        paths = {member: os.path.join(folder, member) for member in members}
+        contents = {m: _read_bytes(path) for m, path in paths.items() if os.path.isfile(path)}
+        where = folder
+    elif os.path.isfile(archive):
+        with tarfile.open(archive) as tar:
+            contents = {
+                os.path.basename(member.name): tar.extractfile(member).read()
+                for member in tar.getmembers()
+                if member.isfile() and os.path.dirname(member.name).endswith(_CIFAR10_FOLDER)
+            }
+        where = archive
+    else:
+        raise ValueError(
+            f"raw_dir {raw_dir!r} has neither {_CIFAR10_ARCHIVE!r} nor a {_CIFAR10_FOLDER + '/'!r} "
+            "folder for 'cifar10'"
+        )
+
+    splits = {}
+    for split, files in _CIFAR10_FILES.items():
+        missing = [f for f in files if f not in contents]
+        if missing:
+            raise ValueError(f"{where!r} has no {missing[0]!r} for 'cifar10'")
+        records = np.frombuffer(b"".join(contents[f] for f in files), np.uint8)
+        if records.size % 3073:
+            raise ValueError(f"{where!r}: {split} batches are not whole 3073-byte records")
+        records = records.reshape(-1, 3073)  # 1 label byte, then 3x32x32 pixels, channels first
+        splits[split] = (records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), records[:, 0])
+    names = contents.get(_CIFAR10_LABEL_NAMES, b"").decode().split()
+    return splits, names or None
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as file:
+        return file.read()
+
+
+def _examples(
+    name: str, split: str, images: np.ndarray, labels: np.ndarray
+) -> Iterator[tuple[int, dict]]:
+    """(key, example) pairs with the keys and features TFDS' own builder of ``name`` yields."""
+    for index, (image, label) in enumerate(zip(images, labels)):
+        example = {"image": image, "label": int(label)}
+        if name == "cifar10":
+            example["id"] = f"{split}_{index:05d}"
+        yield index, example

@@ -1,0 +1,150 @@
+"""ClippingSchedule (switch at an epoch / on plateau, LR and BN changes, resume) and BestValidation."""
+
+import larq as lq
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import bnn_keras
+from bnn_keras.callbacks import BestValidation, ClippingSchedule
+from bnn_keras.constraints import SwitchableWeightClip
+from bnn_keras.quantizers import SwitchableSteSign
+
+RNG = np.random.RandomState(0)
+X = RNG.randn(64, 10).astype("float32")
+Y = (X[:, :3].sum(axis=1, keepdims=True) > 0).astype("float32")
+
+
+def build(lr=0.1):
+    tf.keras.utils.set_random_seed(0)
+    inp = tf.keras.Input((10,))
+    x = lq.layers.QuantDense(16, use_bias=False, kernel_quantizer=SwitchableSteSign(),
+                             kernel_constraint=SwitchableWeightClip())(inp)
+    x = tf.keras.layers.BatchNormalization(momentum=0.9)(x)
+    x = lq.layers.QuantDense(1, input_quantizer=SwitchableSteSign(),
+                             kernel_quantizer=SwitchableSteSign(),
+                             kernel_constraint=SwitchableWeightClip())(x)
+    model = tf.keras.Model(inp, x)
+    model.compile(optimizer=tf.keras.optimizers.SGD(lr), loss="mse", metrics=["accuracy"])
+    return model
+
+
+def phases(model):
+    return {s.clipping_enabled for s in bnn_keras.find_switchables(model)}
+
+
+def test_switch_at_epoch_logs_phase_lr_and_bn_momentum():
+    model = build(lr=0.1)
+    schedule = ClippingSchedule(switch_epoch=2, lr_factor=0.1, bn_momentum=0.5, verbose=0)
+    history = model.fit(X, Y, epochs=4, batch_size=16, validation_split=0.25, verbose=0,
+                        callbacks=[schedule])
+    assert history.history["clipping_phase"] == [0.0, 0.0, 1.0, 1.0]
+    np.testing.assert_allclose(history.history["lr"], [0.1, 0.1, 0.01, 0.01], rtol=1e-6)
+    np.testing.assert_allclose(history.history["bn_momentum"], [0.9, 0.9, 0.5, 0.5])
+    assert schedule.switched_at_epoch == 2
+    assert phases(model) == {True}
+
+
+def test_new_bn_momentum_is_used_by_the_training_step():
+    """After the switch the moving mean follows momentum 0.0: it equals the last batch mean."""
+    model = build(lr=0.0)  # fixed kernel, so the batch statistics are reproducible
+    model.fit(X, Y, epochs=2, batch_size=64, verbose=0,
+              callbacks=[ClippingSchedule(switch_epoch=1, bn_momentum=0.0, monitor="loss", verbose=0)])
+    bn = model.layers[2]
+    pre_bn = tf.keras.Model(model.input, model.layers[1].output)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), pre_bn(X).numpy().mean(axis=0), atol=1e-5)
+
+
+def test_switch_epoch_zero_is_clipped_from_the_start():
+    model = build()
+    history = model.fit(X, Y, epochs=2, verbose=0, callbacks=[ClippingSchedule(switch_epoch=0, verbose=0)],
+                        validation_split=0.25)
+    assert history.history["clipping_phase"] == [1.0, 1.0]
+
+
+def test_plateau_switch_after_patience_epochs():
+    model = build(lr=0.0)  # one full batch and no learning: the loss never improves after epoch 0
+    schedule = ClippingSchedule(monitor="loss", patience=2, min_delta=1e-6, verbose=0)
+    history = model.fit(X, Y, epochs=5, batch_size=64, verbose=0, callbacks=[schedule])
+    # best at epoch 0; epochs 1 and 2 without improvement -> clipped from epoch 3
+    assert history.history["clipping_phase"] == [0.0, 0.0, 0.0, 1.0, 1.0]
+    assert schedule.switched_at_epoch == 3
+
+
+def test_model_without_switchables_is_a_clear_error():
+    model = tf.keras.Sequential([tf.keras.Input((10,)), tf.keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    with pytest.raises(ValueError, match="expected a model with switchable"):
+        model.fit(X, Y, epochs=1, verbose=0, callbacks=[ClippingSchedule(switch_epoch=1)])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({}, "needs switch_epoch or patience"),
+    ({"switch_epoch": -1}, "switch_epoch must be an integer >= 0, got -1"),
+    ({"patience": 0}, "patience must be an integer >= 1, got 0"),
+    ({"switch_epoch": 1, "lr_factor": 0}, "lr_factor must be > 0"),
+    ({"switch_epoch": 1, "bn_momentum": 1.0}, r"bn_momentum must be in \[0, 1\), got 1.0"),
+])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ClippingSchedule(**kwargs)
+
+
+class _Interrupt(tf.keras.callbacks.Callback):
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.at:
+            raise KeyboardInterrupt
+
+
+def test_resume_with_backup_and_restore_continues_in_the_clipped_phase(tmp_path):
+    backup = str(tmp_path / "backup")
+    schedule_args = dict(switch_epoch=2, lr_factor=0.5, bn_momentum=0.6, verbose=0)
+    model = build(lr=0.1)
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(X, Y, epochs=5, validation_split=0.25, verbose=0, callbacks=[
+            tf.keras.callbacks.BackupAndRestore(backup), ClippingSchedule(**schedule_args), _Interrupt(3)])
+
+    fresh = build(lr=0.1)  # a new process would rebuild the model in the vanilla phase
+    assert phases(fresh) == {False}
+    history = fresh.fit(X, Y, epochs=5, validation_split=0.25, verbose=0, callbacks=[
+        tf.keras.callbacks.BackupAndRestore(backup), ClippingSchedule(**schedule_args)])
+    assert len(history.history["clipping_phase"]) == 1  # only epoch 4 was left
+    assert history.history["clipping_phase"] == [1.0]
+    np.testing.assert_allclose(history.history["lr"], [0.05], rtol=1e-6)
+    assert history.history["bn_momentum"] == [0.6]
+    assert phases(fresh) == {True}
+
+
+def test_best_validation_records_test_metric_at_best_epoch_and_never_stops():
+    model = build(lr=0.05)
+    best = BestValidation(monitor="val_loss", test_data=(X[:16], Y[:16]))
+    history = model.fit(X, Y, epochs=6, validation_split=0.25, verbose=0, callbacks=[best])
+    assert len(history.history["loss"]) == 6  # no early stopping
+    val = np.array(history.history["val_loss"])
+    assert best.best_epoch == int(np.argmin(val))
+    assert best.best == pytest.approx(val.min())
+    assert best.best_logs["test_loss"] == pytest.approx(history.history["test_loss"][best.best_epoch])
+    assert history.history["best_epoch"][-1] == best.best_epoch
+    best_predictions = None
+    best.restore()
+    best_predictions = model.predict(X[:4], verbose=0)
+    model.set_weights(best.best_weights)
+    np.testing.assert_array_equal(model.predict(X[:4], verbose=0), best_predictions)
+    assert best.model.evaluate(X[:16], Y[:16], verbose=0, return_dict=True)["loss"] == pytest.approx(
+        best.best_logs["test_loss"], rel=1e-5)
+
+
+def test_best_validation_needs_the_monitored_metric():
+    model = build()
+    with pytest.raises(ValueError, match="monitors 'val_accuracy' but the epoch logs only have"):
+        model.fit(X, Y, epochs=1, verbose=0, callbacks=[BestValidation()])
+
+
+def test_callback_configs():
+    schedule = ClippingSchedule(switch_epoch=3, lr_factor=0.1, bn_momentum=0.8)
+    assert ClippingSchedule(**schedule.get_config()).get_config() == schedule.get_config()
+    assert BestValidation(monitor="val_loss").get_config()["monitor"] == "val_loss"
