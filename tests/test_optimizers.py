@@ -1,0 +1,374 @@
+"""Optimisers, per-epoch schedules and layer-wise LR scaling, against numpy references."""
+
+import larq as lq
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from bnn_keras.optimizers import (
+    NAMES,
+    BopCaseOptimizer,
+    ExponentialDecayPerEpoch,
+    LayerwiseLrScaling,
+    PiecewiseConstantPerEpoch,
+    current_learning_rate,
+    get,
+    glorot_limit,
+    scale_learning_rate,
+)
+
+STUDY_NAMES = ("adadelta", "adagrad", "adam", "bop", "momentum", "nesterov", "rmsprop", "sgd")
+
+
+def tiny_binary_model(seed=0):
+    tf.keras.utils.set_random_seed(seed)
+    return tf.keras.Sequential(
+        [lq.layers.QuantDense(3, kernel_quantizer="ste_sign", input_shape=(4,))]
+    )
+
+
+def tiny_data(n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 4)).astype("float32"), rng.normal(size=(n, 3)).astype("float32")
+
+
+# --------------------------------------------------------------------------- get()
+
+
+def test_names_are_the_study_optimisers_plus_bop():
+    assert NAMES == STUDY_NAMES
+
+
+@pytest.mark.parametrize("name", STUDY_NAMES)
+def test_every_optimiser_moves_every_variable_inside_fit(name):
+    model = tiny_binary_model()
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    model.compile(optimizer=get(name.upper(), learning_rate=0.01), loss="mse")
+    x, y = tiny_data()
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    after = [v.numpy() for v in model.trainable_variables]
+    assert len(after) == 2
+    for old, new in zip(before, after):
+        assert np.any(old != new)
+
+
+def test_unknown_name_is_one_line_listing_all_names():
+    with pytest.raises(ValueError) as error:
+        get("adamw")
+    message = str(error.value)
+    assert "\n" not in message
+    assert message == (
+        "unknown optimiser 'adamw': expected one of "
+        "adadelta, adagrad, adam, bop, momentum, nesterov, rmsprop, sgd"
+    )
+
+
+@pytest.mark.parametrize("name, hyperparameter", [("adam", "beta_3"), ("bop", "beta_1")])
+def test_unknown_hyperparameter_is_one_line(name, hyperparameter):
+    pattern = f"unknown hyperparameter.*{hyperparameter}.*'{name}'"
+    with pytest.raises(ValueError, match=pattern) as error:
+        get(name, **{hyperparameter: 0.5})
+    assert "\n" not in str(error.value)
+
+
+def test_study_defaults():
+    adam = get("adam")
+    assert (adam.beta_1, adam.beta_2) == (0.9, 0.999)
+    assert isinstance(adam, tf.keras.optimizers.Adam)
+    momentum, nesterov = get("momentum", 0.1), get("nesterov", 0.1)
+    assert (momentum.momentum, momentum.nesterov) == (0.9, False)
+    assert (nesterov.momentum, nesterov.nesterov) == (0.9, True)
+    assert get("sgd").momentum == 0.0
+    assert get("momentum", momentum=0.5).momentum == 0.5
+    assert current_learning_rate(get("rmsprop", learning_rate=0.25)) == 0.25
+
+
+# --------------------------------------------------------------------------- Bop
+
+
+def test_bop_flips_binary_kernels_whose_momentum_passes_the_threshold():
+    model = tiny_binary_model()
+    kernel, bias = model.layers[0].kernel, model.layers[0].bias
+    assert getattr(kernel, "precision", None) == 1
+    signs = np.array([[1, -1, 1], [-1, 1, -1], [1, 1, -1], [-1, -1, 1]], "float32")
+    kernel.assign(signs)
+    # gamma = 1: the momentum is the gradient. Flip where w * m > threshold = 0.5.
+    grad_kernel = np.array(
+        [[0.9, -0.9, 0.3], [0.2, 0.7, -0.7], [-0.3, 0.6, 0.4], [0.0, -0.4, -1.0]], "float32"
+    )
+    grad_bias = np.array([1.0, -2.0, 0.5], "float32")
+    opt = get("bop", learning_rate=0.01, threshold=0.5, gamma=1.0)
+    opt.apply_gradients([(tf.constant(grad_kernel), kernel), (tf.constant(grad_bias), bias)])
+    flip = signs * grad_kernel > 0.5
+    np.testing.assert_array_equal(_latent(kernel), np.where(flip, -signs, signs))
+    assert flip.sum() == 5 and (signs * grad_kernel > 0).sum() == 7  # 2 agree, below threshold
+    # The bias goes to the latent Adam: first step = -lr * sign(g) (epsilon aside).
+    np.testing.assert_allclose(bias.numpy(), -0.01 * np.sign(grad_bias), rtol=1e-5)
+
+
+def test_bop_latent_optimiser_by_name_and_by_instance():
+    opt = get("bop", learning_rate=0.5, latent_optimizer="sgd")
+    assert isinstance(opt.default, tf.keras.optimizers.legacy.SGD)
+    assert current_learning_rate(opt) == 0.5
+    opt = get("bop", latent_optimizer="adam", latent_hyperparameters={"beta_2": 0.99})
+    assert opt.default.get_config()["beta_2"] == pytest.approx(0.99)
+    latent = tf.keras.optimizers.legacy.RMSprop(0.125)
+    assert get("bop", latent_optimizer=latent).default is latent
+    with pytest.raises(TypeError, match="legacy"):
+        get("bop", latent_optimizer=tf.keras.optimizers.Adam())
+
+
+def test_bop_reloaded_from_config_still_trains_and_counts_steps():
+    model = tiny_binary_model()
+    opt = get("bop", learning_rate=0.01)
+    model.compile(optimizer=opt, loss="mse")
+    x, y = tiny_data()
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert isinstance(opt, lq.optimizers.CaseOptimizer)
+    assert int(opt.iterations.numpy()) == 2  # Larq's own CaseOptimizer says 0
+    clone = tf.keras.optimizers.deserialize(tf.keras.optimizers.serialize(opt))
+    assert isinstance(clone, BopCaseOptimizer)
+    assert clone.bop.get_config() == opt.bop.get_config()
+    assert clone.default.get_config() == opt.default.get_config()
+    before = [_latent(v).copy() for v in model.trainable_variables]
+    model.compile(optimizer=clone, loss="mse")
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    # Larq's from_config keeps process-local variable ids: nothing would move.
+    assert all(np.any(b != _latent(v)) for b, v in zip(before, model.trainable_variables))
+
+
+def _latent(variable):
+    return getattr(variable, "latent_variable", variable).numpy()
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def test_exponential_decay_per_epoch_matches_numpy():
+    start, end, epochs, spe = 1e-3, 3e-6, 250, 7
+    lr = ExponentialDecayPerEpoch(start, end, epochs, spe)
+    for epoch in (0, 1, 2, 124, epochs - 1, epochs, epochs + 50):
+        expected = start * (end / start) ** (min(epoch, epochs - 1) / (epochs - 1))
+        values = [float(lr(epoch * spe + i)) for i in (0, 3, spe - 1)]
+        np.testing.assert_allclose(values, expected, rtol=1e-6)
+        assert values[0] == values[1] == values[2]  # constant within the epoch
+    np.testing.assert_allclose(float(lr(0)), start, rtol=1e-7)
+    np.testing.assert_allclose(float(lr((epochs - 1) * spe)), end, rtol=1e-6)
+    # The legacy optimisers call the schedule with a float step.
+    np.testing.assert_allclose(float(lr(tf.constant(2.0 * spe))), float(lr(2 * spe)), rtol=0)
+
+
+def test_piecewise_constant_per_epoch_is_exact():
+    lr = PiecewiseConstantPerEpoch([2, 5], [0.1, 0.01, 0.001], steps_per_epoch=10)
+    steps = [0, 19, 20, 49, 50, 10_000]
+    np.testing.assert_array_equal(
+        [float(lr(s)) for s in steps], np.float32([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    )
+    with pytest.raises(ValueError, match="3 entries"):
+        PiecewiseConstantPerEpoch([2, 5], [0.1, 0.01], steps_per_epoch=10)
+
+
+def make_schedule(kind):
+    if kind == "exponential":
+        return ExponentialDecayPerEpoch(1e-2, 1e-4, epochs=3, steps_per_epoch=2)
+    return PiecewiseConstantPerEpoch([1], [1e-2, 1e-3], steps_per_epoch=2)
+
+
+@pytest.mark.parametrize("kind", ["float", "exponential", "piecewise"])
+@pytest.mark.parametrize("legacy", [False, True])
+def test_scale_learning_rate_halves(kind, legacy):
+    learning_rate = 1e-2 if kind == "float" else make_schedule(kind)
+    opt = (tf.keras.optimizers.legacy.Adam if legacy else tf.keras.optimizers.Adam)(learning_rate)
+    before = current_learning_rate(opt)
+    assert before == pytest.approx(1e-2, rel=1e-6)
+    assert scale_learning_rate(opt, 0.5) == pytest.approx(before / 2, rel=1e-6)
+    assert current_learning_rate(opt) == pytest.approx(before / 2, rel=1e-6)
+
+
+def test_helpers_look_through_wrappers():
+    wrapped = LayerwiseLrScaling(get("adam", learning_rate=make_schedule("exponential")))
+    bop = get("bop", learning_rate=make_schedule("piecewise"))
+    for opt in (wrapped, bop):
+        assert current_learning_rate(opt) == pytest.approx(1e-2, rel=1e-6)
+        assert scale_learning_rate(opt, 0.5) == pytest.approx(5e-3, rel=1e-6)
+
+
+def test_scale_learning_rate_refuses_a_foreign_schedule():
+    schedule = tf.keras.optimizers.schedules.ExponentialDecay(1e-3, 10, 0.5)
+    with pytest.raises(TypeError, match="cannot scale a ExponentialDecay") as error:
+        scale_learning_rate(tf.keras.optimizers.Adam(schedule), 0.5)
+    assert "\n" not in str(error.value)
+
+
+def test_scaled_schedule_round_trips_through_a_checkpoint(tmp_path):
+    opt = get("adam", learning_rate=make_schedule("exponential"))
+    scale_learning_rate(opt, 0.25)
+    path = tf.train.Checkpoint(optimizer=opt).save(str(tmp_path / "ckpt"))
+    saved = dict(tf.train.list_variables(path))
+    assert "optimizer/_learning_rate/scale/.ATTRIBUTES/VARIABLE_VALUE" in saved
+    restored = get("adam", learning_rate=make_schedule("exponential"))
+    tf.train.Checkpoint(optimizer=restored).restore(path).assert_existing_objects_matched()
+    assert float(restored._learning_rate.scale.numpy()) == 0.25
+    assert current_learning_rate(restored) == pytest.approx(2.5e-3, rel=1e-6)
+
+
+def test_bop_latent_schedule_is_checkpointed(tmp_path):
+    opt = get("bop", learning_rate=make_schedule("piecewise"))
+    scale_learning_rate(opt, 0.5)
+    path = tf.train.Checkpoint(optimizer=opt).save(str(tmp_path / "ckpt"))
+    restored = get("bop", learning_rate=make_schedule("piecewise"))
+    tf.train.Checkpoint(optimizer=restored).restore(path)
+    assert current_learning_rate(restored) == pytest.approx(5e-3, rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["exponential", "piecewise"])
+def test_schedule_config_round_trip(kind):
+    schedule = make_schedule(kind)
+    schedule.scale.assign(0.5)
+    serialised = tf.keras.optimizers.schedules.serialize(schedule)
+    clone = tf.keras.optimizers.schedules.deserialize(serialised)
+    assert type(clone) is type(schedule)
+    assert clone.get_config() == schedule.get_config()
+    for step in range(8):
+        assert float(clone(step)) == float(schedule(step))
+
+
+# --------------------------------------------------------------------------- layer-wise LR
+
+
+def one_step(optimizer, initial, gradient, constraint=None):
+    variable = tf.Variable(initial, constraint=constraint)
+    optimizer.apply_gradients([(tf.constant(gradient), variable)])
+    return variable.numpy()
+
+
+INITIAL = np.array([[0.3, -0.2, 0.05], [1e-3, -0.7, 0.4]], "float64")
+GRADIENT = np.array([[0.5, -1e-3, 2.0], [-0.3, 0.01, 0.0]], "float64")
+
+
+@pytest.mark.parametrize("m", [0.5, 3.0, 17.0])
+def test_update_mode_is_m_times_the_adam_step(m):
+    reference = one_step(tf.keras.optimizers.Adam(1e-2), INITIAL, GRADIENT)
+    wrapped = LayerwiseLrScaling(tf.keras.optimizers.Adam(1e-2), multipliers={".*": m})
+    scaled = one_step(wrapped, INITIAL, GRADIENT)
+    np.testing.assert_allclose(scaled - INITIAL, m * (reference - INITIAL), rtol=1e-6, atol=0)
+    assert np.abs(reference - INITIAL).max() > 9e-3  # a real Adam step
+
+
+def test_gradient_mode_is_m_times_sgd_and_nearly_nothing_under_adam():
+    m = 4.0
+    sgd_reference = one_step(tf.keras.optimizers.SGD(0.1), INITIAL, GRADIENT)
+    sgd_scaled = one_step(
+        LayerwiseLrScaling(tf.keras.optimizers.SGD(0.1), {"Variable": m}, mode="gradient"),
+        INITIAL,
+        GRADIENT,
+    )
+    np.testing.assert_allclose(sgd_scaled - INITIAL, m * (sgd_reference - INITIAL), rtol=1e-6)
+    adam_reference = one_step(tf.keras.optimizers.Adam(1e-2, epsilon=1e-12), INITIAL, GRADIENT)
+    adam_scaled = one_step(
+        LayerwiseLrScaling(tf.keras.optimizers.Adam(1e-2, epsilon=1e-12), {"": m}, mode="gradient"),
+        INITIAL,
+        GRADIENT,
+    )
+    np.testing.assert_allclose(adam_scaled, adam_reference, rtol=1e-6)
+
+
+def test_update_mode_clips_once_after_scaling():
+    # SGD lr 1 and gradient -0.2: the raw step is +0.2. BinaryConnect: clip(w + m * step).
+    clip = lq.constraints.WeightClip(1.0)
+    opt = LayerwiseLrScaling(tf.keras.optimizers.SGD(1.0), multipliers={"": 0.5})
+    variable = tf.Variable([0.95, 0.5, -0.99], constraint=clip)
+    opt.apply_gradients([(tf.constant([-0.2, -0.2, 3.0]), variable)])
+    np.testing.assert_allclose(variable.numpy(), [1.0, 0.6, -1.0], rtol=1e-6)
+    assert variable.constraint is clip  # put back after the step
+
+
+def test_default_multipliers_are_one_over_glorot_limit():
+    model = tf.keras.Sequential([tf.keras.layers.Dense(5, input_shape=(7,))])
+    opt = LayerwiseLrScaling(tf.keras.optimizers.Adam())
+    kernel, bias = model.layers[0].kernel, model.layers[0].bias
+    assert opt.multiplier(kernel) == pytest.approx(1 / np.sqrt(1.5 / (7 + 5)), rel=1e-12)
+    assert opt.multiplier(kernel) == 1 / glorot_limit((7, 5))
+    assert opt.multiplier(bias) == 1.0
+    conv = tf.Variable(tf.zeros((3, 3, 4, 8)))
+    assert opt.multiplier(conv) == pytest.approx(1 / np.sqrt(1.5 / (9 * 4 + 9 * 8)), rel=1e-12)
+
+
+def test_invalid_mode_is_one_line():
+    with pytest.raises(ValueError, match="mode must be one of 'gradient', 'update', got 'weights'"):
+        LayerwiseLrScaling(tf.keras.optimizers.Adam(), mode="weights")
+
+
+def test_update_mode_inside_fit_scales_kernel_not_bias_and_does_not_retrace():
+    x, y = tiny_data(n=8)
+    steps, tracings = {}, {}
+    for wrapped in (False, True):
+        model = tiny_binary_model(seed=1)
+        before = [_latent(v).copy() for v in model.trainable_variables]
+        adam = tf.keras.optimizers.Adam(ExponentialDecayPerEpoch(1e-2, 1e-3, 4, 1))
+        model.compile(optimizer=LayerwiseLrScaling(adam) if wrapped else adam, loss="mse")
+        halve = tf.keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: scale_learning_rate(model.optimizer, 0.5)
+        )
+        model.fit(x, y, batch_size=8, epochs=4, verbose=0, callbacks=[halve])
+        assert int(model.optimizer.iterations.numpy()) == 4
+        tracings[wrapped] = model.train_function.experimental_get_tracing_count()
+        steps[wrapped] = [_latent(v) - b for v, b in zip(model.trainable_variables, before)]
+    # Keras traces twice (the first trace creates the optimiser's variables), never per step.
+    assert tracings[True] == tracings[False] == 2
+    m = 1 / glorot_limit((4, 3))
+    # Four Adam steps: each is scaled by m, so the sum is too.
+    np.testing.assert_allclose(steps[True][0], m * steps[False][0], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(steps[True][1], steps[False][1], rtol=1e-5, atol=1e-7)
+
+
+def test_layerwise_config_round_trip_and_checkpoint(tmp_path):
+    opt = LayerwiseLrScaling(
+        get("adam", learning_rate=make_schedule("exponential")),
+        multipliers={"kernel": 3.0},
+        mode="gradient",
+    )
+    config = tf.keras.optimizers.serialize(opt)
+    clone = tf.keras.optimizers.deserialize(config)
+    assert isinstance(clone, LayerwiseLrScaling)
+    assert (clone.mode, clone.get_config()["multipliers"]) == ("gradient", {"kernel": 3.0})
+    assert isinstance(clone.inner_optimizer, tf.keras.optimizers.Adam)
+    assert isinstance(clone.inner_optimizer._learning_rate, ExponentialDecayPerEpoch)
+    assert clone.get_config() == opt.get_config()
+
+    variable = tf.Variable([1.0, 2.0])
+    opt.apply_gradients([(tf.constant([0.1, 0.1]), variable)])
+    path = tf.train.Checkpoint(optimizer=opt).save(str(tmp_path / "ckpt"))
+    clone.build([variable])
+    tf.train.Checkpoint(optimizer=clone).restore(path)
+    assert int(clone.iterations.numpy()) == 1
+    assert len(clone.variables) == len(opt.variables) == 3  # iterations, m, v
+    for restored, saved in zip(clone.variables, opt.variables):
+        np.testing.assert_array_equal(restored.numpy(), saved.numpy())
+
+
+def test_layerwise_state_survives_a_keras_model_file(tmp_path):
+    model = tiny_binary_model()
+    schedule = ExponentialDecayPerEpoch(1e-2, 1e-3, 3, 2)
+    model.compile(optimizer=LayerwiseLrScaling(get("adam", learning_rate=schedule)), loss="mse")
+    x, y = tiny_data()
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    scale_learning_rate(model.optimizer, 0.5)
+    model.save(tmp_path / "model.keras")
+    loaded = tf.keras.models.load_model(tmp_path / "model.keras")
+    assert isinstance(loaded.optimizer, LayerwiseLrScaling)
+    assert int(loaded.optimizer.iterations.numpy()) == 2
+    assert current_learning_rate(loaded.optimizer) == current_learning_rate(model.optimizer)
+    assert len(loaded.optimizer.variables) == len(model.optimizer.variables) == 5
+    for restored, saved in zip(loaded.optimizer.variables, model.optimizer.variables):
+        np.testing.assert_array_equal(restored.numpy(), saved.numpy())
+
+
+def test_callable_multipliers_serialise_as_exact_names_after_a_step():
+    opt = LayerwiseLrScaling(tf.keras.optimizers.SGD(0.1), multipliers=lambda v: 2.0)
+    with pytest.raises(ValueError, match="after its first step"):
+        opt.get_config()
+    variable = tf.Variable([1.0], name="w")
+    opt.apply_gradients([(tf.constant([1.0]), variable)])
+    np.testing.assert_allclose(variable.numpy(), [0.8], rtol=1e-6)
+    assert opt.get_config()["multipliers"] == {"^w:0$": 2.0}
