@@ -12,7 +12,7 @@ see it.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -95,6 +95,7 @@ class ClippingSchedule(tf.keras.callbacks.Callback):
         self.phase = 0
         self.switched_at_epoch: int | None = None
         self._first_epoch = True
+        self._replayed = False
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         if not find_switchables(self.model):
@@ -103,8 +104,32 @@ class ClippingSchedule(tf.keras.callbacks.Callback):
                 "clips (SwitchableSteSign / SwitchableWeightClip), got one with none"
             )
         self._first_epoch = True
-        self._wait = 0
+        if not self._replayed:
+            self._wait = 0
+            _, self._best = _improvement_op(self.monitor, self.mode)
+        self._replayed = False
+
+    def replay(self, history: Sequence[Mapping[str, float]]) -> None:
+        """Rebuild the plateau counter and switch epoch from the logs of finished epochs.
+
+        For a resumed run: call it before `fit` with the epoch logs written so far (in
+        order), and the run switches exactly when an uninterrupted one would have.
+        """
+        self._wait, self.switched_at_epoch = 0, None
         _, self._best = _improvement_op(self.monitor, self.mode)
+        for epoch, logs in enumerate(history):
+            if logs.get("clipping_phase", 0.0) >= 0.5:
+                if self.switched_at_epoch is None:
+                    self.switched_at_epoch = epoch
+                continue
+            current = logs.get(self.monitor)
+            if self.patience is None or current is None:
+                continue
+            if self._better(float(current), self._best, self.min_delta):
+                self._best, self._wait = float(current), 0
+            else:
+                self._wait += 1
+        self._replayed = True
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if self._first_epoch:

@@ -148,3 +148,15 @@ def test_callback_configs():
     schedule = ClippingSchedule(switch_epoch=3, lr_factor=0.1, bn_momentum=0.8)
     assert ClippingSchedule(**schedule.get_config()).get_config() == schedule.get_config()
     assert BestValidation(monitor="val_loss").get_config()["monitor"] == "val_loss"
+
+
+def test_replay_rebuilds_the_plateau_counter_of_an_interrupted_run():
+    """Epochs 0-2 ran before a kill: best at 0, two epochs without improvement."""
+    history = [{"val_loss": 1.0, "clipping_phase": 0.0},
+               {"val_loss": 1.5, "clipping_phase": 0.0},
+               {"val_loss": 1.2, "clipping_phase": 0.0}]
+    schedule = ClippingSchedule(monitor="val_loss", patience=3, verbose=0)
+    schedule.replay(history)
+    assert (schedule._best, schedule._wait) == (1.0, 2)
+    schedule.replay(history + [{"val_loss": 0.5, "clipping_phase": 0.0}, {"val_loss": 0.7, "clipping_phase": 1.0}])
+    assert (schedule._best, schedule._wait, schedule.switched_at_epoch) == (0.5, 0, 4)
