@@ -142,13 +142,16 @@ class ClippingSchedule(tf.keras.callbacks.Callback):
                     self._set_bn_momentum(self.bn_momentum)
         if self.phase == 0 and self.switch_epoch is not None and epoch >= self.switch_epoch:
             self.switch(epoch)
+        # What this epoch trains with (a plateau switch at its end must not show here).
+        self._epoch_lr = bk_optimizers.current_learning_rate(self.model.optimizer)
+        bns = _batch_norm_layers(self.model)
+        self._epoch_bn_momentum = float(bns[0].momentum) if bns else float("nan")
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if logs is not None:
             logs["clipping_phase"] = float(self.phase)
-            logs["lr"] = bk_optimizers.current_learning_rate(self.model.optimizer)
-            bns = _batch_norm_layers(self.model)
-            logs["bn_momentum"] = float(bns[0].momentum) if bns else float("nan")
+            logs["lr"] = self._epoch_lr
+            logs["bn_momentum"] = self._epoch_bn_momentum
         if self.phase == 1 or self.patience is None:
             return
         current = (logs or {}).get(self.monitor)

@@ -160,3 +160,22 @@ def test_replay_rebuilds_the_plateau_counter_of_an_interrupted_run():
     assert (schedule._best, schedule._wait) == (1.0, 2)
     schedule.replay(history + [{"val_loss": 0.5, "clipping_phase": 0.0}, {"val_loss": 0.7, "clipping_phase": 1.0}])
     assert (schedule._best, schedule._wait, schedule.switched_at_epoch) == (0.5, 0, 4)
+
+
+def test_logged_lr_is_the_rate_each_epoch_trained_with():
+    from bnn_keras.optimizers import ExponentialDecayPerEpoch
+
+    model = build()
+    schedule = ExponentialDecayPerEpoch(1e-2, 1e-4, epochs=3, steps_per_epoch=4)
+    model.compile(optimizer=tf.keras.optimizers.SGD(schedule), loss="mse")
+    history = model.fit(X, Y, epochs=3, batch_size=16, verbose=0,
+                        callbacks=[ClippingSchedule(switch_epoch=5, monitor="loss", verbose=0)])
+    np.testing.assert_allclose(history.history["lr"], [1e-2, 1e-3, 1e-4], rtol=1e-5)
+
+
+def test_plateau_switch_epoch_is_logged_in_the_phase_it_trained_in():
+    model = build(lr=0.0)
+    schedule = ClippingSchedule(monitor="loss", patience=1, min_delta=1e-6, bn_momentum=0.3, verbose=0)
+    history = model.fit(X, Y, epochs=3, batch_size=64, verbose=0, callbacks=[schedule])
+    assert history.history["clipping_phase"] == [0.0, 0.0, 1.0]
+    assert history.history["bn_momentum"] == [0.9, 0.9, 0.3]

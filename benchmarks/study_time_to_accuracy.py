@@ -1,0 +1,86 @@
+"""Benchmark: how fast each clipping schedule reaches a validation accuracy (the study's rule 3).
+
+Vanilla STE without weight clipping should train about as fast as the float twin and
+faster than clipped STE with weight clipping early on; switching clipping on half-way
+should keep the speed and the final accuracy. Reports, per schedule, the epochs and the
+seconds (training + validation) until the validation accuracy first reaches each
+threshold, and the test accuracy at the best-validation epoch.
+
+    python benchmarks/study_time_to_accuracy.py                 # 4 schedules x 3 seeds x 20 epochs
+    python benchmarks/study_time_to_accuracy.py --epochs 1 --seeds 1 --limit 2000   # smoke run
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from study_common import base_recipe, history, parser, pm, report
+
+from bnn_keras import study
+
+NAME = "study_time_to_accuracy"
+
+TABLE = study.Table(
+    key="time_to_accuracy",
+    title="Time to accuracy per clipping schedule",
+    cells={
+        "float": lambda base: {"variant": "float", "schedule": "vanilla"},
+        "vanilla": lambda base: {"schedule": "vanilla"},
+        "clipped": lambda base: {"schedule": "clipped"},
+        "vanilla-then-clipped": lambda base: {
+            "schedule": "vanilla-then-clipped", "switch_epoch": base.epochs // 2,
+        },
+    },
+)
+
+
+def _first_reach(rows: list[dict], threshold: float) -> tuple[int, float] | None:
+    """(1-based epoch, cumulative seconds) when val_accuracy first reaches `threshold`."""
+    seconds = 0.0
+    for row in rows:
+        seconds += row.get("epoch_time_s") or 0.0
+        if (row.get("val_accuracy") or 0.0) >= threshold:
+            return row["epoch"] + 1, seconds
+    return None
+
+
+def main() -> None:
+    p = parser(NAME, __doc__.splitlines()[0])
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.80, 0.85, 0.88],
+                   help="validation accuracies to time (default: 0.80 0.85 0.88)")
+    args = p.parse_args()
+    started = time.perf_counter()
+    base = base_recipe(args, NAME)
+    result = study.run_study(args.out, base, tables=[TABLE], seeds=args.seeds, verbose=1)
+    grid = study.cell_recipes(args.out, base, [TABLE], list(range(args.seeds)))
+
+    header = ["schedule"] + [f"epochs to {t:.0%} val" for t in args.thresholds] + [
+        f"seconds to {t:.0%} val" for t in args.thresholds
+    ] + ["best val acc (epoch)", "test acc at best"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for cell in TABLE.cells:
+        recipes = [r for _, c, _, r in grid if c == cell]
+        histories = [history(r) for r in recipes]
+        summaries = result["tables"][TABLE.key][cell]
+        epochs, seconds = [], []
+        for t in args.thresholds:
+            reached = [x for x in (_first_reach(h, t) for h in histories) if x is not None]
+            n = f" ({len(reached)}/{len(histories)})" if len(reached) < len(histories) else ""
+            epochs.append(f"{np.mean([e for e, _ in reached]):.1f}{n}" if reached else "not reached")
+            seconds.append(f"{np.mean([s for _, s in reached]):.0f}{n}" if reached else "—")
+        best = f"{pm([100 * s['best_val_accuracy'] for s in summaries])} ({np.mean([s['best_epoch_1based'] for s in summaries]):.1f})"
+        test = pm([100 * s["test_accuracy_at_best"] for s in summaries])
+        lines.append("| " + " | ".join([cell, *epochs, *seconds, best, test]) + " |")
+    body = (
+        "Schedules: float = the real-valued twin; vanilla = binary weights with the identity STE and no "
+        "weight clipping; clipped = clipped STE and weight clipping from the first step; "
+        "vanilla-then-clipped = vanilla, switched to clipped at half the budget.\n\n"
+        "Epochs and seconds are means over the seeds that reached the threshold (k/n when not all did); "
+        "seconds count training and validation, not the per-epoch test evaluation.\n\n" + "\n".join(lines)
+    )
+    report(NAME, "Time to accuracy: vanilla vs clipped STE (the study's rule 3) on Fashion-MNIST", args, base, body, started)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+r"""The study's two networks, in a float, a BinaryConnect and a BinaryNet variant.
+
+- `mlp`: the MNIST MLP, 3 hidden layers x 2048 units; each hidden layer is
+  dense (no bias) -> BN -> ReLU, the output layer dense -> BN (no activation).
+- `vgg10`: the CIFAR-10 "VGG-10",
+  128C3-128C3-MP2-256C3-256C3-MP2-512C3-512C3-MP2-FC1024-FC1024-FC10; 3x3 convolutions,
+  stride 1, SAME padding, no bias; the 2x2 max-pool sits right *after* its convolution
+  (conv -> pool -> BN -> activation, the study's reordering); BN after every layer,
+  the last one included.
+
+Variants (`VARIANTS`):
+
+- ``"float"``: Larq layers without quantisers or constraints, i.e. plain Dense/Conv2D with
+  the same weights as the binary variants (so `copy_weights` maps them 1:1);
+- ``"binaryconnect"``: binary weights, real (ReLU) activations — what the study trained;
+- ``"binarynet"``: binary weights *and* activations on every layer, first and last
+  included (what Larq Compute Engine accelerates). The BN output of a layer is binarised
+  by the next layer's input quantiser, so there is no ReLU; the network's input is
+  binarised too unless ``binarize_input=False``.
+
+Every binary layer gets `SwitchableSteSign` quantisers and a `SwitchableWeightClip`
+kernel constraint, so any clipping schedule (`bnn_keras.callbacks.ClippingSchedule`,
+`bnn_keras.set_clipping`) applies to it. Kernels are Glorot-uniform initialised.
+
+```python
+from bnn_keras import models
+model = models.mlp((28, 28, 1), 10)                         # the study's 3x2048 MLP
+net = models.vgg10((32, 32, 3), 10, variant="binarynet")   # for Larq Compute Engine
+```
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import larq as lq
+import tensorflow as tf
+
+from bnn_keras.constraints import SwitchableWeightClip
+from bnn_keras.quantizers import SwitchableSteSign
+
+__all__ = ["NAMES", "VARIANTS", "WEIGHT_CLIPS", "copy_weights", "get", "mlp", "vgg10"]
+
+VARIANTS: tuple[str, ...] = ("float", "binaryconnect", "binarynet")
+"""Model variants: real-valued, binary weights only, binary weights and activations."""
+
+WEIGHT_CLIPS: tuple[str | None, ...] = ("unit", "glorot", None)
+"""Weight-clip ranges: [-clip_value, clip_value], BinaryConnect's per-layer [-H, H], none."""
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}: expected one of {', '.join(VARIANTS)}")
+
+
+def _check_weight_clip(weight_clip: str | None) -> None:
+    if weight_clip not in WEIGHT_CLIPS:
+        raise ValueError(
+            f"unknown weight_clip {weight_clip!r}: expected 'unit', 'glorot' or None"
+        )
+
+
+def _check_bn(bn_momentum: float, bn_epsilon: float) -> None:
+    if not 0.0 <= bn_momentum < 1.0:
+        raise ValueError(f"bn_momentum must be in [0, 1), got {bn_momentum!r}")
+    if not bn_epsilon > 0:
+        raise ValueError(f"bn_epsilon must be > 0, got {bn_epsilon!r}")
+
+
+class _Binariser:
+    """The quantiser / constraint arguments of the Larq layers of one model, layer by layer."""
+
+    def __init__(
+        self,
+        variant: str,
+        clipped: bool,
+        weight_clip: str | None,
+        clip_value: float,
+        binarize_input: bool,
+    ):
+        _check_variant(variant)
+        _check_weight_clip(weight_clip)
+        self.variant = variant
+        self.clipped = bool(clipped)
+        self.weight_clip = weight_clip
+        self.clip_value = float(clip_value)
+        self.binarize_input = bool(binarize_input)
+
+    def input_binarised(self, first: bool) -> bool:
+        """Whether the layer's input is binarised (BinaryNet; the first layer optionally)."""
+        return self.variant == "binarynet" and (self.binarize_input or not first)
+
+    def layer_kwargs(self, first: bool) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"use_bias": False, "kernel_initializer": "glorot_uniform"}
+        if self.variant == "float":
+            return kwargs
+        kwargs["kernel_quantizer"] = SwitchableSteSign(self.clipped, self.clip_value)
+        if self.input_binarised(first):
+            kwargs["input_quantizer"] = SwitchableSteSign(self.clipped, self.clip_value)
+        if self.weight_clip is not None:
+            kwargs["kernel_constraint"] = SwitchableWeightClip(
+                clip_value=self.clip_value,
+                enabled=self.clipped,
+                glorot_range=self.weight_clip == "glorot",
+            )
+        return kwargs
+
+
+def _batch_norm(name: str, momentum: float, epsilon: float) -> tf.keras.layers.Layer:
+    return tf.keras.layers.BatchNormalization(momentum=momentum, epsilon=epsilon, name=name)
+
+
+def mlp(
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    hidden_units: Sequence[int] = (2048, 2048, 2048),
+    variant: str = "binaryconnect",
+    bn_momentum: float = 0.85,
+    bn_epsilon: float = 1e-4,
+    clipped: bool = False,
+    weight_clip: str | None = "unit",
+    clip_value: float = 1.0,
+    binarize_input: bool = True,
+    name: str | None = None,
+) -> tf.keras.Model:
+    """The study's MNIST MLP: hidden dense (no bias) -> BN -> ReLU, output dense -> BN.
+
+    Args:
+        input_shape: shape of one example, e.g. (28, 28, 1); it is flattened.
+        num_classes: units of the output layer.
+        hidden_units: units of each hidden layer (the study: 3 x 2048).
+        variant: "float", "binaryconnect" (default) or "binarynet" (no ReLU: the next
+            layer binarises the BN output).
+        bn_momentum, bn_epsilon: of every BatchNormalization (the study: 0.85, 1e-4).
+        clipped: start in the clipped phase (clipped STE and weight clipping on);
+            a `ClippingSchedule` can flip it later either way.
+        weight_clip: "unit" ([-clip_value, clip_value]), "glorot" (BinaryConnect's
+            per-layer [-H, H]) or None (no weight-clip constraint at all).
+        clip_value: STE clip and weight-clip range.
+        binarize_input: BinaryNet only: binarise the network's input (the first layer
+            is then fully binary, as Larq Compute Engine needs); False keeps it real.
+
+    Layers are named ``dense_1, bn_1, relu_1, ..., dense_out, bn_out``.
+
+    ```python
+    model = mlp((28, 28, 1), 10, hidden_units=(256, 256), variant="binarynet")
+    ```
+    """
+    _check_bn(bn_momentum, bn_epsilon)
+    binariser = _Binariser(variant, clipped, weight_clip, clip_value, binarize_input)
+    units = [int(u) for u in hidden_units]
+    if any(u < 1 for u in units):
+        raise ValueError(f"hidden_units must all be >= 1, got {list(hidden_units)}")
+
+    inputs = tf.keras.Input(shape=tuple(input_shape), name="image")
+    x = tf.keras.layers.Flatten(name="flatten")(inputs)
+    for i, width in enumerate(units, start=1):
+        x = lq.layers.QuantDense(width, name=f"dense_{i}", **binariser.layer_kwargs(i == 1))(x)
+        x = _batch_norm(f"bn_{i}", bn_momentum, bn_epsilon)(x)
+        if variant != "binarynet":
+            x = tf.keras.layers.Activation("relu", name=f"relu_{i}")(x)
+    x = lq.layers.QuantDense(
+        int(num_classes), name="dense_out", **binariser.layer_kwargs(not units)
+    )(x)
+    outputs = _batch_norm("bn_out", bn_momentum, bn_epsilon)(x)
+    return tf.keras.Model(inputs, outputs, name=name or f"mlp_{variant}")
+
+
+VGG10_CONVOLUTIONS: tuple[tuple[int, bool], ...] = (
+    (128, False), (128, True), (256, False), (256, True), (512, False), (512, True),
+)
+"""(filters, followed by a 2x2 max-pool) of VGG-10's six convolutions."""
+
+VGG10_DENSE: tuple[int, ...] = (1024, 1024)
+"""Units of VGG-10's hidden dense layers."""
+
+
+def vgg10(
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    width_multiplier: float = 1.0,
+    variant: str = "binaryconnect",
+    bn_momentum: float = 0.9,
+    bn_epsilon: float = 1e-4,
+    clipped: bool = False,
+    weight_clip: str | None = "unit",
+    clip_value: float = 1.0,
+    binarize_input: bool = True,
+    name: str | None = None,
+) -> tf.keras.Model:
+    """The study's CIFAR-10 VGG-10 with the pool right after its convolution.
+
+    128C3-128C3-MP2-256C3-256C3-MP2-512C3-512C3-MP2-FC1024-FC1024-FC10 (every width but
+    the output's times `width_multiplier`, at least 1); each conv block is
+    conv (3x3, stride 1, SAME, no bias) -> [2x2 max-pool] -> BN -> ReLU, each dense
+    block dense (no bias) -> BN -> ReLU, the output dense -> BN. A convolution whose
+    input is binarised (BinaryNet) pads with +1 (`pad_values=1.0`): Larq Compute
+    Engine's binary convolution needs that for SAME padding.
+
+    Arguments as in `mlp`; layers are named ``conv_1, pool_2, bn_1, relu_1, ...,
+    dense_1, ..., dense_out, bn_out``.
+
+    ```python
+    model = vgg10((32, 32, 3), 10, width_multiplier=0.25, variant="binarynet")
+    ```
+    """
+    _check_bn(bn_momentum, bn_epsilon)
+    binariser = _Binariser(variant, clipped, weight_clip, clip_value, binarize_input)
+    if not width_multiplier > 0:
+        raise ValueError(f"width_multiplier must be > 0, got {width_multiplier!r}")
+
+    def width(units: int) -> int:
+        return max(1, int(round(units * width_multiplier)))
+
+    def activation(x: tf.Tensor, i: str) -> tf.Tensor:
+        return x if variant == "binarynet" else tf.keras.layers.Activation("relu", name=f"relu_{i}")(x)
+
+    inputs = tf.keras.Input(shape=tuple(input_shape), name="image")
+    x = inputs
+    for i, (filters, pool) in enumerate(VGG10_CONVOLUTIONS, start=1):
+        x = lq.layers.QuantConv2D(
+            width(filters),
+            3,
+            strides=1,
+            padding="same",
+            pad_values=1.0 if binariser.input_binarised(i == 1) else 0.0,
+            name=f"conv_{i}",
+            **binariser.layer_kwargs(i == 1),
+        )(x)
+        if pool:
+            x = tf.keras.layers.MaxPool2D(2, strides=2, name=f"pool_{i}")(x)
+        x = _batch_norm(f"bn_{i}", bn_momentum, bn_epsilon)(x)
+        x = activation(x, str(i))
+    x = tf.keras.layers.Flatten(name="flatten")(x)
+    for i, units in enumerate(VGG10_DENSE, start=1):
+        x = lq.layers.QuantDense(width(units), name=f"dense_{i}", **binariser.layer_kwargs(False))(x)
+        x = _batch_norm(f"bn_dense_{i}", bn_momentum, bn_epsilon)(x)
+        x = activation(x, f"dense_{i}")
+    x = lq.layers.QuantDense(int(num_classes), name="dense_out", **binariser.layer_kwargs(False))(x)
+    outputs = _batch_norm("bn_out", bn_momentum, bn_epsilon)(x)
+    return tf.keras.Model(inputs, outputs, name=name or f"vgg10_{variant}")
+
+
+_REGISTRY: dict[str, Callable[..., tf.keras.Model]] = {"mlp": mlp, "vgg10": vgg10}
+
+NAMES: tuple[str, ...] = tuple(sorted(_REGISTRY))
+"""The model names `get` knows."""
+
+
+def get(name: str) -> Callable[..., tf.keras.Model]:
+    """The model builder called `name` ("mlp" or "vgg10").
+
+    ```python
+    model = get("mlp")((28, 28, 1), 10, hidden_units=(512, 512, 512))
+    ```
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(NAMES)}")
+    return _REGISTRY[name]
+
+
+# --------------------------------------------------------------------------- two-stage
+
+
+def _weighted_layers(model: tf.keras.Model) -> list[tf.keras.layers.Layer]:
+    """Dense/conv and BN layers in model order, looking into nested models."""
+    found: list[tf.keras.layers.Layer] = []
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.Model):
+            found.extend(_weighted_layers(layer))
+        elif isinstance(layer, (tf.keras.layers.Dense, tf.keras.layers.Conv2D, tf.keras.layers.BatchNormalization)):
+            found.append(layer)
+    return found
+
+
+def _kind(layer: tf.keras.layers.Layer) -> str:
+    if isinstance(layer, tf.keras.layers.BatchNormalization):
+        return "batch-norm"
+    return "conv" if isinstance(layer, tf.keras.layers.Conv2D) else "dense"
+
+
+def _describe(layer: tf.keras.layers.Layer) -> str:
+    if _kind(layer) == "batch-norm":
+        return f"{layer.name!r} ({type(layer).__name__}, {layer.moving_mean.shape[0]} channels)"
+    bias = "with bias" if getattr(layer, "bias", None) is not None else "no bias"
+    return f"{layer.name!r} ({type(layer).__name__}, kernel {tuple(layer.kernel.shape)}, {bias})"
+
+
+def _bn_variables(layer: tf.keras.layers.BatchNormalization) -> list[tf.Variable | None]:
+    return [layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance]
+
+
+def copy_weights(source: tf.keras.Model, target: tf.keras.Model) -> int:
+    """Copy kernels, biases and BN parameters and statistics from `source` into `target`.
+
+    The two-stage schedule's hand-over: a trained float model (``variant="float"``) into
+    the binary model of the same architecture. Layers are matched by position among the
+    dense, convolution and BatchNormalization layers of each model; quantiser and clip
+    flags of the target are left as they are. Returns the number of layers copied.
+
+    Raises ValueError, in one line, at the first pair that differs in kind or shape.
+
+    ```python
+    float_model = mlp((28, 28, 1), 10, variant="float")
+    # ... float_model.fit(...)
+    binary_model = mlp((28, 28, 1), 10, variant="binaryconnect", clipped=True)
+    copy_weights(float_model, binary_model)
+    ```
+    """
+    sources, targets = _weighted_layers(source), _weighted_layers(target)
+    if len(sources) != len(targets):
+        raise ValueError(
+            f"copy_weights: {source.name!r} has {len(sources)} dense/conv/BN layers but "
+            f"{target.name!r} has {len(targets)}"
+        )
+    for index, (src, dst) in enumerate(zip(sources, targets)):
+        if _kind(src) != _kind(dst):
+            raise ValueError(
+                f"copy_weights: layer {index} is {_describe(src)} in the source but "
+                f"{_describe(dst)} in the target"
+            )
+        if _kind(src) == "batch-norm":
+            pairs = list(zip(_bn_variables(src), _bn_variables(dst)))
+            if any((s is None) != (d is None) for s, d in pairs):
+                raise ValueError(
+                    f"copy_weights: layer {index}: batch-norm {src.name!r} and {dst.name!r} "
+                    "differ in center/scale"
+                )
+        else:
+            src_bias, dst_bias = getattr(src, "bias", None), getattr(dst, "bias", None)
+            if (src_bias is None) != (dst_bias is None):
+                raise ValueError(
+                    f"copy_weights: layer {index} is {_describe(src)} in the source but "
+                    f"{_describe(dst)} in the target"
+                )
+            pairs = [(src.kernel, dst.kernel), (src_bias, dst_bias)]
+        for s, d in pairs:
+            if s is None:
+                continue
+            if s.shape != d.shape:
+                raise ValueError(
+                    f"copy_weights: layer {index} is {_describe(src)} in the source but "
+                    f"{_describe(dst)} in the target"
+                )
+            d.assign(s)
+    return len(sources)

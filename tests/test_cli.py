@@ -1,0 +1,120 @@
+"""bnn-keras CLI: flags reach the recipe, mistakes are one line with exit status 2, --help works."""
+
+import json
+
+import pytest
+
+from bnn_keras import cli
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "nope"], "argument RECIPE: invalid choice: 'nope'"),
+        (["train", "mnist_mlp", "--epochs", "-1"], "argument --epochs: expected an integer >= 1, got -1"),
+        (["train", "mnist_mlp", "--epochs", "ten"], "argument --epochs: expected an integer >= 1, got 'ten'"),
+        (["train", "mnist_mlp", "--lr", "0"], "argument --lr: expected a number > 0, got 0"),
+        (["train", "mnist_mlp", "--lr", "-0.001"], "argument --lr: expected a number > 0, got -0.001"),
+        (["train", "mnist_mlp", "--bn-momentum", "1.0"], "argument --bn-momentum: expected a number in [0, 1), got 1.0"),
+        (["train", "mnist_mlp", "--bn-momentum", "-0.1"], "argument --bn-momentum: expected a number in [0, 1), got -0.1"),
+        (["train", "mnist_mlp", "--optimizer", "adamw"], "argument --optimizer: invalid choice: 'adamw'"),
+        (["train", "mnist_mlp", "--variant", "xnor"], "argument --variant: invalid choice: 'xnor'"),
+        (["train", "mnist_mlp", "--schedule", "late"], "argument --schedule: invalid choice: 'late'"),
+        (["train", "mnist_mlp", "--opt", "beta_2"], "argument --opt: expected KEY=VALUE, got 'beta_2'"),
+        (["train", "mnist_mlp", "--bogus"], "unrecognized arguments: --bogus"),
+        (["train", "mnist_mlp", "--width-multiplier", "0.5"], "model_kwargs width_multiplier not accepted by model 'mlp'"),
+        (["train", "mnist_mlp", "--variant", "float"], "variant 'float' has no binary layers to clip"),
+        (["train", "mnist_mlp", "--schedule", "vanilla-then-clipped"], "needs switch_epoch or patience"),
+        (["train", "mnist_mlp", "--opt", "nope=1", "--limit", "100", "--epochs", "1"], "unknown hyperparameter(s) nope for optimiser 'adam'"),
+        (["study", "--tables", "nope"], "argument --tables: invalid choice: 'nope'"),
+        (["study", "--seeds", "0"], "argument --seeds: expected an integer >= 1, got 0"),
+        (["fly"], "argument COMMAND: invalid choice: 'fly'"),
+        ([], "the following arguments are required: COMMAND"),
+    ],
+)
+def test_mistakes_are_one_line_exit_2_and_write_nothing(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # default output folders (runs/...) would land here
+    out = tmp_path / "out"
+    extra = ["--out", str(out)] if argv[:1] in (["train"], ["study"]) and "--bogus" not in argv else []
+    assert cli.main(argv + extra) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith("bnn-keras: error: ")
+    assert message in captured.err
+    assert "Traceback" not in captured.err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_missing_dataset_is_one_line(tmp_path, capsys):
+    argv = ["train", "mnist_mlp", "--dataset", "mnist", "--data-dir", str(tmp_path / "tfds"), "--out", str(tmp_path / "o")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bnn-keras: error: dataset 'mnist' is not prepared") and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["study", "--help"], ["export", "--help"]])
+def test_help_exits_0(argv, capsys):
+    assert cli.main(argv) == 0
+    assert "usage: bnn-keras" in capsys.readouterr().out
+
+
+def test_train_help_explains_every_flag(capsys):
+    cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in (
+        "--dataset", "--data-dir", "--raw-dir", "--limit", "--epochs", "--batch-size", "--optimizer", "--lr",
+        "--lr-end", "--bn-momentum", "--variant", "--schedule", "--switch-epoch", "--patience", "--seed", "--out",
+        "--hidden-units", "--width-multiplier", "--weight-clip", "--clipping", "--lr-factor",
+        "--switch-bn-momentum", "--pretrain-epochs", "--loss", "--opt", "--lr-scaling", "--verbose",
+    ):
+        assert flag in text
+
+
+def test_train_flags_reach_the_recipe(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [
+        "train", "mnist_mlp", "--limit", "200", "--hidden-units", "8", "8", "--epochs", "2", "--batch-size", "50",
+        "--lr", "0.01", "--lr-schedule", "constant", "--bn-momentum", "0.9", "--schedule", "vanilla-then-clipped",
+        "--switch-epoch", "1", "--lr-factor", "0.5", "--switch-bn-momentum", "0.8", "--weight-clip", "glorot",
+        "--opt", "beta_2=0.99", "--seed", "3", "--verbose", "2", "--out", str(out),
+    ]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "Epoch 2/2" in printed and "best val accuracy" in printed  # progress lines
+    summary = json.loads((out / "summary.json").read_text())
+    recipe = summary["recipe"]
+    assert recipe["model_kwargs"] == {"hidden_units": [8, 8], "weight_clip": "glorot"}
+    assert (recipe["limit"], recipe["epochs"], recipe["batch_size"], recipe["seed"]) == (200, 2, 50, 3)
+    assert (recipe["lr_start"], recipe["bn_momentum"], recipe["optimizer_kwargs"]) == (0.01, 0.9, {"beta_2": 0.99})
+    assert (recipe["switch_epoch"], recipe["lr_factor"], recipe["switch_bn_momentum"]) == (1, 0.5, 0.8)
+    assert recipe["lr_end"] == 3e-6 and recipe["dataset"] == "embedded"  # untouched recipe defaults
+    history = json.loads((out / "history.json").read_text())
+    assert [(r["clipping_phase"], r["lr"], r["bn_momentum"]) for r in history] == [
+        (0.0, pytest.approx(0.01), 0.9), (1.0, pytest.approx(0.005), 0.8)
+    ]
+
+
+def test_study_quick_with_overrides_reaches_every_cell(tmp_path, monkeypatch, capsys):
+    from bnn_keras import training
+
+    seen = []
+
+    def fake_run(recipe):
+        seen.append(recipe)
+        recipe.out.mkdir(parents=True)
+        summary = {"best_val_accuracy": 0.8, "best_epoch": 0, "best_epoch_1based": 1,
+                   "test_accuracy_at_best": 0.75, "test_error_at_best": 0.25, "recipe": recipe.to_dict()}
+        training.write_json(recipe.out / "summary.json", summary)
+        training.write_json(recipe.out / "history.json", [{"epoch": 0, "val_accuracy": 0.8}])
+        return summary
+
+    monkeypatch.setattr(training, "run", fake_run)
+    out = tmp_path / "study"
+    argv = ["study", "--quick", "--tables", "bn_momentum", "clipping", "--epochs", "2", "--limit", "300", "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert len(seen) == 2 * 7  # 2 quick seeds x (4 + 4 cells - 1 shared: bn 0.85 == clipping both)
+    assert {(r.dataset, r.epochs, r.limit, r.model_kwargs["hidden_units"]) for r in seen} == {("embedded", 2, 300, (128, 128))}
+    assert {r.seed for r in seen} == {0, 1}
+    assert "| test error, this study (n=2) | 25.00 ± 0.00% |" in (out / "tables.md").read_text()
+    assert "study: 14 trained, 0 already done, 2 copied" in capsys.readouterr().out

@@ -1,0 +1,148 @@
+"""The study grid: cells and seeds, resumability, shared runs, the Markdown tables."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from bnn_keras import study, training
+from bnn_keras.training import Recipe
+
+BASE = Recipe(
+    name="base",
+    limit=300,
+    model_kwargs={"hidden_units": (16,)},
+    epochs=2,
+    batch_size=50,
+    lr_start=1e-2,
+    lr_end=1e-3,
+    verbose=0,
+)
+
+
+class FakeRun:
+    """Stands in for training.run: writes summary.json/history.json with a test error from the recipe."""
+
+    def __init__(self):
+        self.calls = []
+
+    def error(self, recipe):
+        return 0.10 + 0.01 * recipe.seed + (0.05 if recipe.optimizer == "sgd" else 0.0)
+
+    def __call__(self, recipe):
+        self.calls.append(recipe.name)
+        out = recipe.out
+        out.mkdir(parents=True, exist_ok=True)
+        error = self.error(recipe)
+        rows = [{"epoch": e, "val_accuracy": 0.5 + 0.1 * e} for e in range(recipe.epochs)]
+        summary = {
+            "best_val_accuracy": 0.9,
+            "best_epoch": recipe.epochs - 1,
+            "best_epoch_1based": recipe.epochs,
+            "test_accuracy_at_best": 1 - error,
+            "test_error_at_best": error,
+            "recipe": recipe.to_dict(),
+        }
+        training.write_json(out / "history.json", rows)
+        training.write_json(out / "summary.json", summary)
+        return {**summary, "history": rows}
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    run = FakeRun()
+    monkeypatch.setattr(training, "run", run)
+    return run
+
+
+def test_grid_covers_every_cell_and_seed(tmp_path):
+    grid = study.cell_recipes(tmp_path, BASE, list(study.TABLES), [0, 1])
+    cells = {key: list(table.cells) for key, table in study.TABLES.items()}
+    assert cells == {
+        "optimizers": ["sgd", "momentum", "nesterov", "adagrad", "adadelta", "rmsprop", "adam", "bop"],
+        "clipping": ["none", "weights", "gradients", "both"],
+        "bn_momentum": ["0.8", "0.85", "0.9", "0.99"],
+        "schedules": ["end-to-end", "two-stage", "vanilla-then-clipped"],
+    }
+    assert len(grid) == 2 * 19
+    by_name = {(k, c, s): r for k, c, s, r in grid}
+    sgd = by_name[("optimizers", "sgd", 1)]
+    assert (sgd.optimizer, sgd.lr_start, sgd.seed) == ("sgd", 10.0, 1)
+    assert sgd.lr_end == pytest.approx(10.0 * BASE.lr_end / BASE.lr_start)
+    assert sgd.output_dir == os.fspath(tmp_path / "optimizers" / "sgd" / "seed1")
+    gradients = by_name[("clipping", "gradients", 0)]
+    assert (gradients.schedule, gradients.clipping) == ("clipped", "gradients")
+    assert by_name[("bn_momentum", "0.99", 0)].bn_momentum == 0.99
+    two = by_name[("schedules", "two-stage", 0)]
+    assert (two.schedule, two.pretrain_epochs, two.epochs) == ("two-stage", 1, 1)  # same 2-epoch budget
+    switch = by_name[("schedules", "vanilla-then-clipped", 0)]
+    assert (switch.schedule, switch.switch_epoch, switch.epochs) == ("vanilla-then-clipped", 1, 2)
+    with pytest.raises(ValueError, match="unknown study table 'nope'"):
+        study.cell_recipes(tmp_path, BASE, ["nope"], [0])
+
+
+def test_study_writes_tables_and_a_rerun_trains_nothing(tmp_path, fake):
+    first = study.run_study(tmp_path, BASE, seeds=2, verbose=0)
+    # The base settings (Adam at 1e-2) appear in all four tables (adam, clipping both, bn 0.85,
+    # end-to-end): trained once per seed, copied three times.
+    assert (first["trained"], first["copied"], first["skipped"]) == (2 * 16, 2 * 3, 0)
+    assert len(fake.calls) == 32
+    markdown = (tmp_path / "tables.md").read_text()
+    assert markdown == first["markdown"]
+    # sgd: errors 15% and 16% -> mean 15.50, sample std 0.71; others 10% and 11%.
+    assert "| test error, this study (n=2) | 15.50 ± 0.71% | 10.50 ± 0.71% |" in markdown
+    assert "| paper, MNIST | 4.48% | 1.87% | 1.86% | 1.28% | 1.22% | 1.21% | 1.19% | — |" in markdown
+    assert "| best-val epoch (mean) | 2.0 |" in markdown
+    assert "| two-stage | 90.00% (1.0) | 89.50% | 10.50 ± 0.71% |" in markdown
+    for key in study.TABLES:
+        assert f"## {study.TABLES[key].title}" in markdown
+        assert (tmp_path / f"{key}.png").read_bytes()[:4] == b"\x89PNG"
+    copied = json.loads((tmp_path / "clipping" / "both" / "seed0" / "summary.json").read_text())
+    assert copied["recipe"]["name"] == "clipping/both/seed0"
+
+    stamp = os.stat(tmp_path / "optimizers" / "adam" / "seed0" / "summary.json").st_mtime_ns
+    second = study.run_study(tmp_path, BASE, seeds=2, verbose=0)
+    assert (second["trained"], second["copied"], second["skipped"]) == (0, 0, 38)
+    assert len(fake.calls) == 32  # nothing trained again
+    assert os.stat(tmp_path / "optimizers" / "adam" / "seed0" / "summary.json").st_mtime_ns == stamp
+    assert second["markdown"] == markdown
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path, fake):
+    study.run_study(tmp_path, BASE, tables=["bn_momentum"], seeds=1, verbose=0)
+    with pytest.raises(ValueError, match="was trained with other settings"):
+        study.run_study(tmp_path, BASE.replace(epochs=3), tables=["bn_momentum"], seeds=1, verbose=0)
+    # More seeds later: only the new ones train.
+    result = study.run_study(tmp_path, BASE, tables=["bn_momentum"], seeds=[0, 1], verbose=0)
+    assert (result["trained"], result["skipped"]) == (4, 4)
+
+
+def test_quick_preset():
+    quick = study.quick()
+    assert (quick.dataset, quick.epochs, quick.model_kwargs["hidden_units"], quick.verbose) == ("embedded", 3, (128, 128), 0)
+    assert quick.lr_end == pytest.approx(quick.lr_start / 10)
+    vgg = study.quick(training.RECIPES["cifar10_vgg10"])
+    assert (vgg.dataset, vgg.model_kwargs["width_multiplier"], vgg.batch_size) == ("embedded", 0.0625, 50)
+
+
+def test_real_schedules_table_end_to_end(tmp_path):
+    result = study.run_study(tmp_path, BASE, tables=["schedules"], seeds=[0], verbose=0)
+    assert (result["trained"], result["skipped"]) == (3, 0)
+    runs = result["tables"]["schedules"]
+    assert runs["two-stage"][0]["stage_boundary_epoch"] == 1
+    assert runs["vanilla-then-clipped"][0]["switched_at_epoch"] == 1
+    for cell in ("end-to-end", "two-stage", "vanilla-then-clipped"):
+        folder = tmp_path / "schedules" / cell / "seed0"
+        assert {"summary.json", "history.json", "best_model.keras", "curves.png"} <= set(os.listdir(folder))
+        error = 100 * runs[cell][0]["test_error_at_best"]
+        assert f"| {cell} |" in result["markdown"] and f"{error:.2f}%" in result["markdown"]
+        assert 0 < error < 90
+    stamps = [os.stat(p).st_mtime_ns for p in sorted(tmp_path.glob("schedules/*/seed0/summary.json"))]
+    again = study.run_study(tmp_path, BASE, tables=["schedules"], seeds=[0], verbose=0)
+    assert (again["trained"], again["skipped"]) == (0, 3)
+    assert [os.stat(p).st_mtime_ns for p in sorted(tmp_path.glob("schedules/*/seed0/summary.json"))] == stamps
+    assert np.isclose(
+        again["tables"]["schedules"]["end-to-end"][0]["test_error_at_best"],
+        runs["end-to-end"][0]["test_error_at_best"],
+    )
