@@ -9,7 +9,8 @@ bnn-keras export ...
 Argument parsing only: the flags become a `bnn_keras.training.Recipe` (which validates
 them) and the work is done by `training.run`, `study.run_study` and `export.run_export`.
 A bad flag or value ends in one line, ``bnn-keras: error: ...``, exit status 2, and
-nothing written.
+nothing written; a run whose loss becomes NaN or infinite ends in one such line with
+exit status 1.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 def _add_recipe_flags(parser: argparse.ArgumentParser, *, study: bool) -> None:
     """The flags that override a recipe's settings (shared by train and study)."""
-    from bnn_keras import models, optimizers, training
+    from bnn_keras import distribute, models, optimizers, training
 
     S = argparse.SUPPRESS  # an absent flag keeps the recipe's value
     data = parser.add_argument_group("data")
@@ -114,7 +115,10 @@ def _add_recipe_flags(parser: argparse.ArgumentParser, *, study: bool) -> None:
 
     run = parser.add_argument_group("run")
     if not study:
-        run.add_argument("--seed", type=_nonnegative_int, default=S, metavar="K", help="seed of initialisation and shuffling")
+        run.add_argument("--seed", type=_nonnegative_int, default=S, metavar="K", help="seed of initialisation and shuffling: one seed, one machine, identical histories")
+    run.add_argument("--nondeterministic", dest="deterministic", action="store_false", default=S, help="allow TensorFlow's nondeterministic (faster GPU) kernels: runs with one seed then differ slightly, and a resumed run no longer equals an uninterrupted one exactly")
+    if not study:  # train only: a multi-worker strategy is set up once per process, a study runs many
+        run.add_argument("--strategy", choices=distribute.STRATEGIES, default=S, help="tf.distribute strategy: default (one device), mirrored (local GPUs), multi-worker (cluster in TF_CONFIG), tpu; --batch-size is per replica and the learning rate is scaled by the replica count")
     run.add_argument("--verbose", type=int, choices=(0, 1, 2), default=S, help="Keras output: 0 silent, 1 progress bar, 2 one line per epoch")
 
 
@@ -124,7 +128,7 @@ _MODEL_FLAGS = ("hidden_units", "width_multiplier", "weight_clip", "binarize_inp
 def _recipe(base: Any, args: argparse.Namespace) -> Any:
     """`base` with the flags given on the command line applied."""
     given = dict(vars(args))
-    for name in ("command", "recipe", "quick", "tables", "seeds", "handler", "out"):
+    for name in ("command", "recipe", "quick", "tables", "seeds", "handler", "out", "overwrite"):
         given.pop(name, None)
     model_kwargs = {k: given.pop(k) for k in _MODEL_FLAGS if k in given}
     if model_kwargs.get("weight_clip") == "none":
@@ -139,7 +143,7 @@ def _train(args: argparse.Namespace) -> int:
     recipe = _recipe(training.get_recipe(args.recipe), args)
     if args.out is not None:
         recipe = recipe.replace(output_dir=args.out)
-    training.run(recipe)
+    training.run(recipe, overwrite=args.overwrite)
     return 0
 
 
@@ -203,7 +207,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         "bnn-keras train mnist_mlp --epochs 10 --hidden-units 512 512 512 --out runs/quickstart",
     )
     train.add_argument("recipe", choices=recipes, metavar="RECIPE", help=f"one of: {', '.join(recipes)}")
-    train.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/RECIPE)")
+    train.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/RECIPE); the same command again continues an interrupted run there")
+    train.add_argument("--overwrite", action="store_true", help="replace the run the output folder holds (needed when its settings differ)")
     _add_recipe_flags(train, study=False)
     train.set_defaults(handler=_train)
 
@@ -230,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``bnn-keras`` with `argv` (default: sys.argv[1:]); return the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     from bnn_keras.data import DataUnavailableError
+    from bnn_keras.training import TrainingDivergedError
 
     try:
         args = build_parser(argv).parse_args(argv)
@@ -237,9 +243,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, or argparse's own exit
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
     except (UsageError, DataUnavailableError, ValueError) as error:
-        message = " ".join(str(error).split())  # one line, whatever the message held
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except TrainingDivergedError as error:  # a failed run, not a usage mistake
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        resume = " (the same command continues after the last finished epoch)" if argv[:1] == ["train"] else ""
+        print(f"\n{PROG}: interrupted{resume}", file=sys.stderr)
+        return 130
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())  # one line, whatever the message held
 
 
 if __name__ == "__main__":

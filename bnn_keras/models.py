@@ -106,8 +106,10 @@ class _Binariser:
         return kwargs
 
 
-def _batch_norm(name: str, momentum: float, epsilon: float) -> tf.keras.layers.Layer:
-    return tf.keras.layers.BatchNormalization(momentum=momentum, epsilon=epsilon, name=name)
+def _batch_norm(name: str, momentum: float, epsilon: float, synchronized: bool) -> tf.keras.layers.Layer:
+    return tf.keras.layers.BatchNormalization(
+        momentum=momentum, epsilon=epsilon, synchronized=bool(synchronized), name=name
+    )
 
 
 def mlp(
@@ -122,6 +124,7 @@ def mlp(
     weight_clip: str | None = "unit",
     clip_value: float = 1.0,
     binarize_input: bool = True,
+    synchronized_bn: bool = False,
     name: str | None = None,
 ) -> tf.keras.Model:
     """The study's MNIST MLP: hidden dense (no bias) -> BN -> ReLU, output dense -> BN.
@@ -140,6 +143,8 @@ def mlp(
         clip_value: STE clip and weight-clip range.
         binarize_input: BinaryNet only: binarise the network's input (the first layer
             is then fully binary, as Larq Compute Engine needs); False keeps it real.
+        synchronized_bn: BatchNormalization computes its batch statistics over all
+            replicas of a `tf.distribute` strategy (for runs on more than one replica).
 
     Layers are named ``dense_1, bn_1, relu_1, ..., dense_out, bn_out``.
 
@@ -157,13 +162,13 @@ def mlp(
     x = tf.keras.layers.Flatten(name="flatten")(inputs)
     for i, width in enumerate(units, start=1):
         x = lq.layers.QuantDense(width, name=f"dense_{i}", **binariser.layer_kwargs(i == 1))(x)
-        x = _batch_norm(f"bn_{i}", bn_momentum, bn_epsilon)(x)
+        x = _batch_norm(f"bn_{i}", bn_momentum, bn_epsilon, synchronized_bn)(x)
         if variant != "binarynet":
             x = tf.keras.layers.Activation("relu", name=f"relu_{i}")(x)
     x = lq.layers.QuantDense(
         int(num_classes), name="dense_out", **binariser.layer_kwargs(not units)
     )(x)
-    outputs = _batch_norm("bn_out", bn_momentum, bn_epsilon)(x)
+    outputs = _batch_norm("bn_out", bn_momentum, bn_epsilon, synchronized_bn)(x)
     return tf.keras.Model(inputs, outputs, name=name or f"mlp_{variant}")
 
 
@@ -188,6 +193,7 @@ def vgg10(
     weight_clip: str | None = "unit",
     clip_value: float = 1.0,
     binarize_input: bool = True,
+    synchronized_bn: bool = False,
     name: str | None = None,
 ) -> tf.keras.Model:
     """The study's CIFAR-10 VGG-10 with the pool right after its convolution.
@@ -231,15 +237,15 @@ def vgg10(
         )(x)
         if pool:
             x = tf.keras.layers.MaxPool2D(2, strides=2, name=f"pool_{i}")(x)
-        x = _batch_norm(f"bn_{i}", bn_momentum, bn_epsilon)(x)
+        x = _batch_norm(f"bn_{i}", bn_momentum, bn_epsilon, synchronized_bn)(x)
         x = activation(x, str(i))
     x = tf.keras.layers.Flatten(name="flatten")(x)
     for i, units in enumerate(VGG10_DENSE, start=1):
         x = lq.layers.QuantDense(width(units), name=f"dense_{i}", **binariser.layer_kwargs(False))(x)
-        x = _batch_norm(f"bn_dense_{i}", bn_momentum, bn_epsilon)(x)
+        x = _batch_norm(f"bn_dense_{i}", bn_momentum, bn_epsilon, synchronized_bn)(x)
         x = activation(x, f"dense_{i}")
     x = lq.layers.QuantDense(int(num_classes), name="dense_out", **binariser.layer_kwargs(False))(x)
-    outputs = _batch_norm("bn_out", bn_momentum, bn_epsilon)(x)
+    outputs = _batch_norm("bn_out", bn_momentum, bn_epsilon, synchronized_bn)(x)
     return tf.keras.Model(inputs, outputs, name=name or f"vgg10_{variant}")
 
 

@@ -67,6 +67,7 @@ def test_train_help_explains_every_flag(capsys):
         "--lr-end", "--bn-momentum", "--variant", "--schedule", "--switch-epoch", "--patience", "--seed", "--out",
         "--hidden-units", "--width-multiplier", "--weight-clip", "--clipping", "--lr-factor",
         "--switch-bn-momentum", "--pretrain-epochs", "--loss", "--opt", "--lr-scaling", "--verbose",
+        "--strategy", "--overwrite", "--nondeterministic",
     ):
         assert flag in text
 

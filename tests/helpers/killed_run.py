@@ -1,0 +1,64 @@
+"""Subprocess body: ``bnn-keras ARGV...`` that SIGKILLs itself at one chosen point (resume tests).
+
+    python killed_run.py POINT ARGV...
+
+POINT (epochs count over both stages of a two-stage run, all 0-based):
+
+- ``batch:E:B``: after batch B of epoch E, mid-epoch;
+- ``history:E``: right after epoch E's history row is written, before its backup;
+- ``backup:E``: right after epoch E's backup, before its best model is promoted.
+"""
+
+import json
+import os
+import signal
+import sys
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+from bnn_keras import cli, training  # noqa: E402
+
+
+def die() -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_at(point: str) -> None:
+    kind, *numbers = point.split(":")
+    at = [int(n) for n in numbers]
+    if kind == "batch":
+        original_batch = training._StopOnNonFinite.on_train_batch_end
+
+        def on_train_batch_end(self, batch, logs=None):
+            original_batch(self, batch, logs)
+            if [self.epoch_offset + self._epoch, batch] == at:
+                die()
+
+        training._StopOnNonFinite.on_train_batch_end = on_train_batch_end
+    elif kind == "history":
+        original_history = training._HistoryWriter.on_epoch_end
+
+        def on_epoch_end(self, epoch, logs=None):
+            original_history(self, epoch, logs)
+            if [self.epoch_offset + epoch] == at:
+                die()
+
+        training._HistoryWriter.on_epoch_end = on_epoch_end
+    elif kind == "backup":
+        original_promote = training._PromoteBest.on_epoch_end
+
+        def on_epoch_end(self, epoch, logs=None):
+            with open(self.out / "history.json") as file:
+                if [json.load(file)[-1]["epoch"]] == at:  # the row of the epoch just backed up
+                    die()
+            original_promote(self, epoch, logs)
+
+        training._PromoteBest.on_epoch_end = on_epoch_end
+    else:
+        raise SystemExit(f"unknown kill point {point!r}")
+
+
+if __name__ == "__main__":
+    kill_at(sys.argv[1])
+    sys.exit(cli.main(sys.argv[2:]))

@@ -1,0 +1,194 @@
+"""Resume: a run SIGKILLed at any point and started again with the same command ends exactly
+like an uninterrupted one; another command refuses a used output folder unless --overwrite."""
+
+import concurrent.futures
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from bnn_keras import cli
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KILLED_RUN = os.path.join(HERE, "helpers", "killed_run.py")
+ENV = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3",
+           PYTHONPATH=os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+TIMEOUT = 180
+FILES = {"best_model.keras", "curves.png", "history.csv", "history.json", "summary.json"}
+WALL = {"epoch_time_s", "wall_time_s"}  # the only numbers allowed to differ
+
+# 270 train / 30 validation / 300 test images, 6 steps per epoch; clipping from epoch 2 (0-based)
+SWITCHED = ["train", "mnist_mlp", "--limit", "300", "--hidden-units", "16", "16", "--epochs", "4",
+            "--batch-size", "50", "--schedule", "vanilla-then-clipped", "--switch-epoch", "2",
+            "--lr-factor", "0.1", "--switch-bn-momentum", "0.5", "--verbose", "0"]
+TWO_STAGE = ["train", "mnist_mlp", "--limit", "300", "--hidden-units", "16", "16", "--pretrain-epochs", "2",
+             "--epochs", "2", "--batch-size", "50", "--schedule", "two-stage", "--switch-bn-momentum", "0.6",
+             "--verbose", "0"]
+
+
+def _command(argv, out, kill_at=None):
+    prefix = [sys.executable, "-m", "bnn_keras.cli"] if kill_at is None else [sys.executable, KILLED_RUN, kill_at]
+    return prefix + argv + ["--out", str(out)]
+
+
+def _run(argv, out, kill_at=None):
+    result = subprocess.run(_command(argv, out, kill_at), env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    expected = 0 if kill_at is None else -signal.SIGKILL
+    assert result.returncode == expected, result.stderr[-2000:]
+
+
+def _read(out, name):
+    with open(out / name) as file:
+        return json.load(file)
+
+
+def _killed_then_finished(argv, out, kill_points):
+    """Kill one run at each point in turn, then let it finish; return what each kill left."""
+    seen = []
+    for point in kill_points:
+        _run(argv, out, point)
+        seen.append({
+            "files": set(os.listdir(out)),
+            "rows": [r["epoch"] for r in _read(out, "history.json")] if (out / "history.json").exists() else [],
+            "resumed_at": _read(out, "run.json")["resumed_at_epochs"],
+        })
+    _run(argv, out)
+    return seen
+
+
+# (command, kill points). SWITCHED: killed right after epoch 1's history row (before its
+# backup), mid-epoch 3 (after batch 2 of 6, in the clipped phase), and right after the last
+# epoch's backup (before its best model is promoted and the summary written).
+# TWO_STAGE: mid-way through the first fine-tune epoch, so the restart resumes exactly at
+# the stage boundary (the float model's last backup, the hand-over, the data order).
+CASES = {"switched": (SWITCHED, ["history:1", "batch:3:2", "backup:3"]), "two_stage": (TWO_STAGE, ["batch:2:1"])}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Each case killed and resumed (subprocesses, side by side) and, meanwhile, run uninterrupted here."""
+    folders = {case: (tmp_path_factory.mktemp(f"{case}_whole"), tmp_path_factory.mktemp(f"{case}_pieces")) for case in CASES}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(CASES)) as pool:
+        chains = {case: pool.submit(_killed_then_finished, argv, folders[case][1], points)
+                  for case, (argv, points) in CASES.items()}
+        for case, (argv, _) in CASES.items():
+            assert cli.main(argv + ["--out", str(folders[case][0])]) == 0
+        return {case: (*folders[case], chains[case].result()) for case in CASES}
+
+
+@pytest.fixture
+def switched(runs):
+    return runs["switched"]
+
+
+@pytest.fixture
+def two_stage(runs):
+    return runs["two_stage"]
+
+
+def _without_wall_times(rows):
+    return [{k: v for k, v in row.items() if k not in WALL} for row in rows]
+
+
+def _assert_same_run(whole, pieces):
+    assert _without_wall_times(_read(pieces, "history.json")) == _without_wall_times(_read(whole, "history.json"))
+    summaries = [_read(out, "summary.json") for out in (whole, pieces)]
+    for summary in summaries:
+        summary.pop("wall_time_s"), summary.pop("resumed_at_epochs"), summary["recipe"].pop("output_dir")
+    assert summaries[0] == summaries[1]
+    models = [tf.keras.models.load_model(out / "best_model.keras", compile=False, safe_mode=True) for out in (whole, pieces)]
+    for a, b in zip(*(m.get_weights() for m in models)):
+        np.testing.assert_array_equal(a, b)
+    assert set(os.listdir(pieces)) == FILES  # backups, run.json and pending files are gone
+
+
+def test_killed_three_times_ends_exactly_like_an_uninterrupted_run(switched):
+    whole, pieces, _ = switched
+    _assert_same_run(whole, pieces)
+
+
+def test_resumed_history_has_every_epoch_once_with_the_schedule_of_an_uninterrupted_run(switched):
+    _, pieces, seen = switched
+    rows = _read(pieces, "history.json")
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    assert [r["clipping_phase"] for r in rows] == [0.0, 0.0, 1.0, 1.0]
+    assert [r["bn_momentum"] for r in rows] == [0.85, 0.85, 0.5, 0.5]
+    decay = (3e-6 / 1e-3) ** (1 / 3)  # exponential 1e-3 -> 3e-6 over 4 epochs, x0.1 from the switch on
+    expected_lr = [1e-3, 1e-3 * decay, 1e-4 * decay**2, 1e-4 * decay**3]
+    assert [r["lr"] for r in rows] == pytest.approx(expected_lr, rel=1e-5)
+    summary = _read(pieces, "summary.json")
+    assert summary["switched_at_epoch"] == 2
+    assert summary["resumed_at_epochs"] == [1, 3, 4]
+
+
+def test_each_kill_left_only_whole_files_and_the_finished_epochs(switched):
+    whole, _, seen = switched
+    after_history, mid_epoch, after_backup = seen
+    improved = [row["best_epoch"] == row["epoch"] for row in _read(whole, "history.json")]
+    assert improved[1] and improved[3]  # so the first and last kills leave a pending best model
+    # epoch 1's row and best model were written, its backup not: the restart redoes epoch 1
+    assert after_history["rows"] == [0, 1] and after_history["resumed_at"] == []
+    assert ".pending-best_model-epoch1.keras" in after_history["files"]
+    assert {"run.json", "backup", "best_model.keras", "history.json"} <= after_history["files"]
+    # mid-epoch 3: epochs 0-2 finished (1 and 2 by the second start)
+    assert mid_epoch["rows"] == [0, 1, 2] and mid_epoch["resumed_at"] == [1]
+    # every epoch backed up, the last one's best model still pending: the restart only promotes it
+    assert after_backup["rows"] == [0, 1, 2, 3] and after_backup["resumed_at"] == [1, 3]
+    assert ".pending-best_model-epoch3.keras" in after_backup["files"]
+    for state in seen:
+        assert "summary.json" not in state["files"]
+        assert not any(name.startswith((".history-", ".run-", ".best_model-")) for name in state["files"])
+
+
+def test_two_stage_resumes_at_the_stage_boundary_exactly(two_stage):
+    whole, pieces, seen = two_stage
+    _assert_same_run(whole, pieces)
+    rows = _read(pieces, "history.json")
+    assert [(r["epoch"], r["stage"], r["stage_epoch"]) for r in rows] == [
+        (0, "pretrain", 0), (1, "pretrain", 1), (2, "finetune", 0), (3, "finetune", 1)]
+    assert [r["bn_momentum"] for r in rows] == [0.85, 0.85, 0.6, 0.6]
+    assert _read(pieces, "summary.json")["resumed_at_epochs"] == [2]
+    assert seen[0]["rows"] == [0, 1] and "stage.json" in seen[0]["files"]  # killed in the fine-tune stage
+
+
+def _snapshot(folder):
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def test_other_settings_are_refused_in_one_line_and_overwrite_starts_afresh(switched, tmp_path, capsys):
+    _, pieces, _ = switched
+    out = tmp_path / "run"
+    shutil.copytree(pieces, out)
+    before = _snapshot(out)
+    other = SWITCHED[:SWITCHED.index("--epochs") + 1] + ["3"] + SWITCHED[SWITCHED.index("--epochs") + 2:]
+    assert cli.main(other + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bnn-keras: error: output folder")
+    assert "holds a run with other settings (epochs 4 there, 3 now)" in err and "--overwrite" in err
+    assert _snapshot(out) == before  # nothing touched
+
+    assert cli.main(SWITCHED + ["--out", str(out)]) == 0  # the same command: finished, nothing to train
+    assert _snapshot(out) == before
+
+    assert cli.main(other + ["--out", str(out), "--overwrite"]) == 0
+    rows = _read(out, "history.json")
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and [r["clipping_phase"] for r in rows] == [0.0, 0.0, 1.0]
+    summary = _read(out, "summary.json")
+    assert summary["epochs"] == 3 and summary["resumed_at_epochs"] == []
+    assert set(os.listdir(out)) == FILES
+
+
+def test_a_folder_with_results_but_no_settings_is_refused(tmp_path, capsys):
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "history.json").write_text("[]")
+    assert cli.main(SWITCHED + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds history.json of an earlier run but not its settings (run.json)" in err and err.count("\n") == 1
+    assert os.listdir(out) == ["history.json"]
