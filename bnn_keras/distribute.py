@@ -22,6 +22,12 @@ __all__ = ["STRATEGIES", "ScalingPlan", "get_strategy", "is_chief", "scaling_pla
 
 STRATEGIES = ("default", "mirrored", "multi-worker", "tpu")
 
+# What users called the strategy, for the classes whose names say otherwise.
+_DISPLAY_NAMES = {
+    "_DefaultDistributionStrategy": "default strategy",
+    "CollectiveAllReduceStrategy": "MultiWorkerMirroredStrategy",
+}
+
 
 def get_strategy(name: str = "default") -> tf.distribute.Strategy:
     """The `tf.distribute` strategy called `name` (one of `STRATEGIES`)."""
@@ -81,7 +87,7 @@ def scaling_plan(strategy: tf.distribute.Strategy, batch_size: int, learning_rat
     """Keep `batch_size` per replica; scale the global batch and the LR by the replica count."""
     replicas = int(strategy.num_replicas_in_sync)
     return ScalingPlan(
-        strategy=type(strategy).__name__,
+        strategy=_DISPLAY_NAMES.get(type(strategy).__name__, type(strategy).__name__),
         replicas=replicas,
         per_replica_batch=batch_size,
         global_batch=batch_size * replicas,

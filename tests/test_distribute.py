@@ -43,7 +43,7 @@ def test_is_chief(monkeypatch, config, chief):
 def test_scaling_plan_on_one_replica_changes_nothing():
     plan = scaling_plan(tf.distribute.get_strategy(), 100, 1e-3)
     assert (plan.replicas, plan.global_batch, plan.learning_rate) == (1, 100, 1e-3)
-    assert plan.describe() == "_DefaultDistributionStrategy, 1 replica: batch 100, learning rate 0.001"
+    assert plan.describe() == "default strategy, 1 replica: batch 100, learning rate 0.001"
 
 
 def test_mirrored_over_two_cpus_matches_one_device_on_the_same_global_batch():

@@ -72,7 +72,7 @@ def test_two_workers_train_one_run_and_switch_phase(two_workers):
     rows = _history(chief)
     assert [r["clipping_phase"] for r in rows] == [0.0, 1.0]
     assert rows[0]["lr"] == pytest.approx(2e-3)  # linear scaling rule: 1e-3 x 2 replicas
-    assert ("2 replicas: global batch 200 (100 per replica), learning rate 0.001 x 2 = 0.002 "
+    assert ("MultiWorkerMirroredStrategy, 2 replicas: global batch 200 (100 per replica), learning rate 0.001 x 2 = 0.002 "
             "(linear scaling rule)") in log
     with open(chief / "summary.json") as file:
         distribution = json.load(file)["distribution"]
