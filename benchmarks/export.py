@@ -39,18 +39,6 @@ from bnn_keras import export, models  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results" / "export.md"
 
 
-def trained_looking_bn(model: tf.keras.Model, seed: int = 1) -> None:
-    """Random BN statistics (gamma, beta, mean, variance), like a trained model's."""
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, tf.keras.layers.BatchNormalization):
-            c = layer.gamma.shape[0]
-            layer.gamma.assign(rng.uniform(0.5, 1.5, c))
-            layer.beta.assign(rng.normal(0.0, 0.5, c))
-            layer.moving_mean.assign(rng.normal(0.0, 3.0, c))
-            layer.moving_variance.assign(rng.uniform(5.0, 50.0, c))
-
-
 def build(name: str, variant: str, args: argparse.Namespace) -> tf.keras.Model:
     tf.keras.utils.set_random_seed(0)
     if name == "mlp":
@@ -72,7 +60,7 @@ def mb(n: float) -> str:
 def run_one(name: str, variant: str, args: argparse.Namespace) -> dict:
     model = build(name, variant, args)
     if not args.init_bn:
-        trained_looking_bn(model)
+        export.randomize_batch_norm(model)
     shape = tuple(model.inputs[0].shape[1:])
     x = np.random.default_rng(123).standard_normal((args.num_inputs, *shape)).astype(np.float32)
     row = {"model": name, "variant": variant, "keras": keras_size(model)}

@@ -62,6 +62,7 @@ __all__ = [
     "is_binarizing",
     "load_model",
     "main",
+    "randomize_batch_norm",
     "rewrite_binary_dense",
     "run_export",
     "save",
@@ -1261,6 +1262,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
+
+def randomize_batch_norm(model: tf.keras.Model, seed: int = 1) -> tf.keras.Model:
+    """Give every BatchNormalization random, trained-looking statistics (in place).
+
+    An untrained BinaryNet maps a zero accumulator to exactly 0, on the sign boundary,
+    so float rounding in the flatbuffer decides signs and verification looks worse than
+    it is; use this to check an export of an untrained model.
+    """
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            channels = layer.gamma.shape[0]
+            layer.gamma.assign(rng.uniform(0.5, 1.5, channels))
+            layer.beta.assign(rng.normal(0.0, 0.5, channels))
+            layer.moving_mean.assign(rng.normal(0.0, 3.0, channels))
+            layer.moving_variance.assign(rng.uniform(5.0, 50.0, channels))
+    return model
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 Conversions take seconds each, so every model is converted once (module-scoped cache)
 and the checks share it. Untrained BatchNormalization maps a zero accumulator to exactly
-0, where a sign flips on float rounding; `_trained_bn` gives BN layers trained-looking
+0, where a sign flips on float rounding; `export.randomize_batch_norm` gives BN layers trained-looking
 statistics so the comparisons measure the exporter, not that degenerate tie.
 """
 
@@ -28,20 +28,8 @@ CNN_FILTERS = 32
 BINARY_KERNEL_LAYERS = (lq.layers.QuantDense, lq.layers.QuantConv2D)
 
 
-def _trained_bn(model: tf.keras.Model, seed: int = 1) -> tf.keras.Model:
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, tf.keras.layers.BatchNormalization):
-            c = layer.gamma.shape[0]
-            layer.gamma.assign(rng.uniform(0.5, 1.5, c))
-            layer.beta.assign(rng.normal(0.0, 0.5, c))
-            layer.moving_mean.assign(rng.normal(0.0, 3.0, c))
-            layer.moving_variance.assign(rng.uniform(5.0, 50.0, c))
-    return model
-
-
 def _mlp(variant: str) -> tf.keras.Model:
-    return _trained_bn(models.mlp((28, 28, 1), 10, hidden_units=(HIDDEN,), variant=variant))
+    return export.randomize_batch_norm(models.mlp((28, 28, 1), 10, hidden_units=(HIDDEN,), variant=variant))
 
 
 def _cnn(variant: str, clipped: bool = False) -> tf.keras.Model:
@@ -73,7 +61,7 @@ def _cnn(variant: str, clipped: bool = False) -> tf.keras.Model:
     x = tf.keras.layers.Flatten(name="flatten")(x)
     x = lq.layers.QuantDense(10, name="dense_out", **quant())(x)
     outputs = tf.keras.layers.BatchNormalization(name="bn_out")(x)
-    return _trained_bn(tf.keras.Model(inputs, outputs, name=f"cnn_{variant}"))
+    return export.randomize_batch_norm(tf.keras.Model(inputs, outputs, name=f"cnn_{variant}"))
 
 
 def _kernel_layers(model):
