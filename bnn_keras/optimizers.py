@@ -241,7 +241,37 @@ def get(
     get("adamw")  # ValueError: unknown optimiser 'adamw': expected one of adadelta, ...
     ```
     """
+    _check_hyperparameter_types(name, hyperparameters)
     return _build(name, learning_rate, hyperparameters)
+
+
+def _check_hyperparameter_types(name: str, hyperparameters: Mapping[str, Any]) -> None:
+    """Compare each hyperparameter's type with its default's: a string where a number
+    belongs would otherwise fail only at the first training step."""
+    if not hyperparameters:
+        return
+    config = _build(name, None, {}).get_config()  # also rejects unknown names
+    defaults = dict(config)
+    for nested in config.values():  # a wrapper's inner optimisers (Bop's CaseOptimizer)
+        if isinstance(nested, Mapping) and isinstance(nested.get("config"), Mapping):
+            defaults = {**nested["config"], **defaults}
+    for key, value in hyperparameters.items():
+        if key not in defaults:
+            continue
+        default = defaults[key]
+        is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        if isinstance(default, bool) and not isinstance(value, bool):
+            expected = "true or false"
+        elif is_number(default) and not (is_number(value) and math.isfinite(value)):
+            expected = "a finite number"
+        elif default is None and isinstance(value, str):
+            expected = "a number"
+        else:
+            continue
+        raise ValueError(
+            f"hyperparameter {key} of optimiser {name.lower()!r} must be {expected} "
+            f"(default {default!r}), got {value!r}"
+        )
 
 
 # --------------------------------------------------------------------------- schedules

@@ -829,31 +829,6 @@ def _fit(
     )
 
 
-def _check_optimizer_kwargs(recipe: Recipe) -> None:
-    """Compare each optimiser hyperparameter's type with its default's (a string where a
-    number belongs would otherwise fail only at the first training step)."""
-    config = bk_optimizers.get(recipe.optimizer).get_config()
-    defaults = dict(config)
-    for nested in config.values():  # a wrapper's inner optimisers (Bop's CaseOptimizer)
-        if isinstance(nested, Mapping) and isinstance(nested.get("config"), Mapping):
-            defaults = {**nested["config"], **defaults}
-    for key, value in recipe.optimizer_kwargs.items():
-        if key not in defaults:
-            continue
-        default = defaults[key]
-        if isinstance(default, bool) and not isinstance(value, bool):
-            expected = "true or false"
-        elif _is_number(default) and not (_is_number(value) and math.isfinite(value)):
-            expected = "a finite number"
-        elif default is None and isinstance(value, str):
-            expected = "a number"
-        else:
-            continue
-        raise ValueError(
-            f"optimizer_kwargs {key} of {recipe.optimizer!r} must be {expected} (default {default!r}), got {value!r}"
-        )
-
-
 def _check_folders(recipe: Recipe) -> None:
     for field, what in (("data_dir", "a TFDS data folder"), ("raw_dir", "a folder of original dataset files")):
         path = getattr(recipe, field)
@@ -947,7 +922,6 @@ def _train(
     if recipe.strategy == "multi-worker":
         splits = _shard_by_data(splits)
     steps_per_epoch = math.ceil(splits.train_size / plan.global_batch)
-    _check_optimizer_kwargs(recipe)
     synchronized_bn = plan.replicas > 1
     two_stage = recipe.schedule == "two-stage"
     # Build and compile before writing anything: a bad model or optimiser setting fails here.

@@ -372,3 +372,15 @@ def test_callable_multipliers_serialise_as_exact_names_after_a_step():
     opt.apply_gradients([(tf.constant([1.0]), variable)])
     np.testing.assert_allclose(variable.numpy(), [0.8], rtol=1e-6)
     assert opt.get_config()["multipliers"] == {"^w:0$": 2.0}
+
+
+@pytest.mark.parametrize("name,hyperparameters,message", [
+    ("adam", {"beta_2": "fast"}, "hyperparameter beta_2 of optimiser 'adam' must be a finite number (default 0.999), got 'fast'"),
+    ("adam", {"amsgrad": 1}, "hyperparameter amsgrad of optimiser 'adam' must be true or false (default False), got 1"),
+    ("momentum", {"momentum": float("nan")}, "hyperparameter momentum of optimiser 'momentum' must be a finite number (default 0.9), got nan"),
+    ("bop", {"threshold": "small"}, "hyperparameter threshold of optimiser 'bop' must be a finite number (default 1e-08), got 'small'"),
+])
+def test_wrongly_typed_hyperparameters_fail_at_get_in_one_line(name, hyperparameters, message):
+    with pytest.raises(ValueError) as error:
+        get(name, **hyperparameters)
+    assert str(error.value) == message
