@@ -57,8 +57,10 @@ def _binary_rows(rows: list[dict]) -> list[dict]:
     return [{**r, "epoch": i} for i, r in enumerate(binary)]
 
 
-def _versus_clipped(grid, seeds: int) -> list[str]:
-    """Per seed: epochs for each schedule to reach the best val accuracy `clipped` reached."""
+def _versus_clipped(grid, summaries: dict, seeds: int) -> list[str]:
+    """Per seed: epochs for each schedule to reach the best val accuracy `clipped` reached.
+
+    `summaries` maps each cell to its runs' summaries in seed order (from `run_study`)."""
     by_cell = {cell: {seed: r for _, c, seed, r in grid if c == cell} for cell in TABLE.cells}
     lines = ["| schedule | epochs to clipped's best val (mean) | ratio to clipped's best epoch (target) "
              "| seconds to it | test acc at best minus clipped's (points) |", "|---|---|---|---|---|"]
@@ -70,8 +72,8 @@ def _versus_clipped(grid, seeds: int) -> list[str]:
             clipped_best = 1 + max(range(len(clipped_rows)), key=lambda i: clipped_rows[i]["val_accuracy"])
             rows = history(by_cell[cell][seed])
             reached = _first_reach(_binary_rows(rows), goal)
-            summary = _summary(by_cell[cell][seed])
-            gaps.append(100 * (summary["test_accuracy_at_best"] - _summary(by_cell["clipped"][seed])["test_accuracy_at_best"]))
+            gaps.append(100 * (summaries[cell][seed]["test_accuracy_at_best"]
+                               - summaries["clipped"][seed]["test_accuracy_at_best"]))
             if reached is None:
                 missed += 1
                 continue
@@ -86,13 +88,6 @@ def _versus_clipped(grid, seeds: int) -> list[str]:
             f"| {cell} | not reached in any seed | — | — | {pm(gaps, unit='')} |"
         )
     return lines
-
-
-def _summary(recipe) -> dict:
-    import json
-
-    with open(recipe.out / "summary.json", encoding="utf-8") as file:
-        return json.load(file)
 
 
 def _first_reach(rows: list[dict], threshold: float) -> tuple[int, float] | None:
@@ -142,7 +137,7 @@ def main() -> None:
         "(its epochs and accuracies count fine-tuning only; its seconds include the float pretraining).\n\n"
         "Against clipped (issue targets: vanilla-then-clipped reaches clipped's best validation accuracy "
         "in <= 1/2 of the epochs clipped needed, two-stage in <= 1/5, each with test accuracy at most "
-        "0.3 points below clipped's):\n\n" + "\n".join(_versus_clipped(grid, args.seeds)) + "\n\n"
+        "0.3 points below clipped's):\n\n" + "\n".join(_versus_clipped(grid, result["tables"][TABLE.key], args.seeds)) + "\n\n"
         "Per schedule:\n\n"
         "Epochs and seconds are means over the seeds that reached the threshold (k/n when not all did); "
         "seconds count training and validation, not the per-epoch test evaluation.\n\n" + "\n".join(lines)

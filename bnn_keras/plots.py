@@ -57,6 +57,15 @@ def _column(rows: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
     return np.array([np.nan if v is None else float(v) for v in values], dtype=float)
 
 
+def _style_epoch_axis(ax: Any, ylabel: str) -> None:
+    """Integer epochs on x, a label on y, a light grid and a small legend."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
 def plot_history(
     rows: Sequence[Mapping[str, Any]],
     path: str | os.PathLike,
@@ -84,11 +93,7 @@ def plot_history(
                 ax.plot(epochs, values, marker="." if len(rows) < 30 else None, label=label)
         for i, (label, epoch) in enumerate((marks or {}).items()):
             ax.axvline(epoch + 0.5, color=f"C{3 + i}", linestyle="--", label=label)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        _style_epoch_axis(ax, metric)
     if title:
         figure.suptitle(title)
     figure.tight_layout()
@@ -126,11 +131,7 @@ def plot_curves(
         (line,) = ax.plot(epochs, mean, marker="." if length < 30 else None, label=label)
         if len(runs) > 1:
             ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    _style_epoch_axis(ax, ylabel)
     if title:
         ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize="medium")
     figure.tight_layout()
