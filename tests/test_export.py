@@ -357,26 +357,55 @@ def test_cli_writes_file_and_prints_report(tmp_path, capsys):
     assert not (tmp_path / "x.tflite").exists()
 
 
-def _tiny_float_model() -> tf.keras.Model:
+def _tiny_float_model(seed: int = 0) -> tf.keras.Model:
     inputs = tf.keras.Input((6,))
-    return tf.keras.Model(inputs, tf.keras.layers.Dense(4, name="head")(inputs), name="tiny")
+    head = tf.keras.layers.Dense(4, kernel_initializer=tf.keras.initializers.GlorotUniform(seed), name="head")
+    return tf.keras.Model(inputs, head(inputs), name="tiny")
 
 
 def test_int8_io_is_passed_to_lce_and_verified():
+    from larq_compute_engine.tflite.python.interpreter import Interpreter
+
     model = _tiny_float_model()
     with pytest.warns(UserWarning, match="int8 input requested but the flatbuffer's input is not int8"):
         export.convert(model, inference_input_type=tf.int8, inference_output_type=tf.int8, verify=False)
+    x = np.random.default_rng(0).standard_normal((200, 6)).astype(np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # LCE: default int8 range "only for latency tests"
         result = export.convert(
             model, inference_input_type=tf.int8, inference_output_type=tf.int8,
-            experimental_default_int8_range=(-4.0, 4.0), num_verify=200, min_top1=0.5,
+            experimental_default_int8_range=(-4.0, 4.0), verify_inputs=x, num_verify=len(x), min_top1=0.5,
         )
     assert result.report.notes == []  # the file's input and output are int8
     assert "FULLY_CONNECTED" in export.flatbuffer_ops(result.flatbuffer)
     assert result.report.options["experimental_default_int8_range"] == (-4.0, 4.0)
+
+    interpreter = Interpreter(result.flatbuffer)
+    step_in, step_out = interpreter.input_scales[0], interpreter.output_scales[0]
+    assert step_in == pytest.approx(8 / 255) and step_out == pytest.approx(8 / 255)  # (-4, 4) in 255 steps
+    expected = model.predict(x, verbose=0)
+    # Inside the int8 range: a saturated output would differ by far more than rounding.
+    assert np.max(np.abs(x)) < 4 - step_in and np.max(np.abs(expected)) < 4 - step_out
+    # Rounding budget: half an input step on each input (times the unit's sum |w|), half an
+    # output step, and int8 weights (step <= max |w| / 127) off by half a step, times the
+    # quantised inputs' sum |x| (each |x| + half a step). The int32 bias rounds far finer.
+    kernel = model.get_layer("head").kernel.numpy()
+    bound = (
+        0.5 * step_in * np.abs(kernel).sum(0).max()
+        + 0.5 * step_out
+        + 0.5 * np.abs(kernel).max() / 127 * (np.abs(x).sum(1).max() + 0.5 * step_in * x.shape[1])
+    )
+    assert bound < 3 * step_out  # a few output steps
+    (actual,) = export.FlatbufferRunner(result.flatbuffer, "lce").predict(x)
     v = result.report.verification  # int8 I/O quantised and dequantised by the runner
-    assert v["top1_agreement"] >= 0.5 and v["max_abs_diff"] < 0.5
+    assert v["max_abs_diff"] == pytest.approx(np.max(np.abs(expected - actual)), abs=1e-6)
+    assert v["max_abs_diff"] <= bound
+    # The top class changes only where Keras' top two are within twice the bound.
+    top_two = np.sort(expected, -1)[:, -2:]
+    changed = np.argmax(actual, -1) != np.argmax(expected, -1)
+    assert np.all(top_two[changed, 1] - top_two[changed, 0] <= 2 * bound)
+    assert v["top1_agreement_strict"] == pytest.approx(1 - np.mean(changed))
+    assert v["top1_agreement"] >= 0.5
 
 
 def test_xcore_reports_zero_padded_same_conv_as_float():
