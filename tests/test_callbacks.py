@@ -145,9 +145,92 @@ def test_best_validation_needs_the_monitored_metric():
 
 
 def test_callback_configs():
-    schedule = ClippingSchedule(switch_epoch=3, lr_factor=0.1, bn_momentum=0.8)
-    assert ClippingSchedule(**schedule.get_config()).get_config() == schedule.get_config()
-    assert BestValidation(monitor="val_loss").get_config()["monitor"] == "val_loss"
+    """Every argument set to a non-default value comes back from get_config and through the constructor."""
+    schedule_args = dict(switch_epoch=3, monitor="val_loss", patience=4, mode="max", min_delta=0.01,
+                         lr_factor=0.1, bn_momentum=0.8, verbose=0)
+    best_args = dict(monitor="val_loss", mode="max", restore_best_weights=True)
+    for cls, args in [(ClippingSchedule, schedule_args), (BestValidation, best_args)]:
+        config = cls(**args).get_config()
+        assert config == args
+        rebuilt = cls(**config)
+        assert rebuilt.get_config() == args
+        assert {name: getattr(rebuilt, name) for name in args} == args
+    # mode "max" on a loss survives the round trip in behaviour too: the higher val_loss is the best.
+    rebuilt = BestValidation(**BestValidation(**best_args).get_config())
+    rebuilt.set_model(_marked_model())
+    for epoch, value in enumerate([0.2, 0.9, 0.5]):
+        rebuilt.on_epoch_end(epoch, {"val_loss": value})
+    assert rebuilt.best_epoch == 1
+
+
+def _marked_model():
+    """A one-kernel model whose weights can mark an epoch."""
+    return tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(1, use_bias=False)])
+
+
+@pytest.mark.parametrize("monitor, mode, values, best_epoch", [
+    ("val_accuracy", "auto", [0.5, 0.8, 0.6, 0.7], 1),  # max, best in the middle
+    ("val_accuracy", "auto", [0.9, 0.5, 0.6, 0.7], 0),  # max, best first
+    ("val_accuracy", "auto", [0.5, 0.8, 0.8, 0.7], 1),  # a tie: the first epoch with it
+    ("val_loss", "auto", [0.9, 0.3, 0.5, 0.4], 1),      # min, best in the middle
+    ("val_loss", "auto", [0.2, 0.5, 0.4, 0.3], 0),      # min, best first
+    ("val_accuracy", "min", [0.5, 0.2, 0.6, 0.3], 1),   # mode overrides the name
+    ("val_loss", "max", [0.5, 0.9, 0.6, 0.7], 1),
+])
+def test_best_validation_keeps_the_best_epoch_not_the_last(monitor, mode, values, best_epoch):
+    """Hand-made logs; the weights mark each epoch (kernel = epoch number), the logs carry a test metric."""
+    model = _marked_model()
+    best = BestValidation(monitor=monitor, mode=mode)
+    best.set_model(model)
+    logged = []
+    for epoch, value in enumerate(values):
+        model.set_weights([np.full((2, 1), float(epoch), dtype="float32")])
+        logs = {monitor: value, "test_accuracy": 0.1 * epoch}
+        best.on_epoch_end(epoch, logs)
+        logged.append(logs["best_epoch"])
+    pick = np.argmin if mode == "min" or (mode == "auto" and monitor == "val_loss") else np.argmax
+    assert logged == [float(pick(values[: epoch + 1])) for epoch in range(len(values))]  # first on ties
+    assert best.best_epoch == best_epoch
+    assert best.best == values[best_epoch]
+    assert best.best_logs == {monitor: values[best_epoch], "test_accuracy": 0.1 * best_epoch}
+    np.testing.assert_array_equal(best.best_weights[0], np.full((2, 1), best_epoch))
+    best.restore()
+    np.testing.assert_array_equal(model.get_weights()[0], np.full((2, 1), best_epoch))
+
+
+class _SetWeights(tf.keras.callbacks.Callback):
+    """At the start of epoch e, put weights[e] into the model (a zero learning rate keeps them)."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.weights = weights
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model.set_weights(self.weights[epoch])
+
+
+def test_best_validation_in_a_real_fit_picks_the_epoch_the_weights_made_best():
+    """Epoch weights: wrong way round, the perfect rule y = [x0 + x1 + x2 > 0], the same rule 4x more
+    confident, noise, wrong way round. Accuracy peaks (tied) at epochs 1 and 2, the loss at epoch 2."""
+    rule = np.zeros((10, 1), dtype="float32")
+    rule[:3] = 1.0
+    noise = np.random.RandomState(1).randn(10, 1).astype("float32")
+    kernels = [-rule, rule, 4 * rule, noise, -rule]
+    model = tf.keras.Sequential([tf.keras.Input((10,)), tf.keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(optimizer=tf.keras.optimizers.SGD(0.0), loss="mse", metrics=["accuracy"])
+    by_accuracy = BestValidation(test_data=(X[:16], Y[:16]), restore_best_weights=True)
+    by_loss = BestValidation(monitor="val_loss")
+    history = model.fit(X, Y, validation_data=(X, Y), epochs=5, batch_size=16, verbose=0,
+                        callbacks=[_SetWeights([[k, np.zeros(1, "float32")] for k in kernels]), by_loss, by_accuracy])
+    accuracy = history.history["val_accuracy"]
+    assert accuracy[1] == accuracy[2] == 1.0 and max(accuracy[0], accuracy[3], accuracy[4]) < 1.0
+    loss = history.history["val_loss"]
+    assert loss[2] < loss[1] and loss[2] == min(loss)
+    assert (by_accuracy.best_epoch, by_loss.best_epoch) == (1, 2)
+    assert by_accuracy.best_logs["test_accuracy"] == 1.0  # the perfect rule on the test rows too
+    assert history.history["best_epoch"] == [0.0, 1.0, 1.0, 1.0, 1.0]
+    np.testing.assert_array_equal(model.get_weights()[0], rule)  # restored at the end of fit
+    np.testing.assert_array_equal(by_loss.best_weights[0], 4 * rule)
 
 
 def test_replay_rebuilds_the_plateau_counter_of_an_interrupted_run():

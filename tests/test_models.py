@@ -1,5 +1,7 @@
 """The study's MLP and VGG-10: layer order, BN settings, quantisers per variant, sizes, two-stage copy."""
 
+import collections
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -174,3 +176,95 @@ def test_copy_weights_mismatch_is_one_line():
     assert "layer 0 is 'dense_1' (QuantDense, kernel (10, 4), no bias)" in str(error.value)
     with pytest.raises(ValueError, match="has 4 dense/conv/BN layers but .* has 6"):
         models.copy_weights(small, models.mlp((10,), 2, hidden_units=(4, 4)))
+
+
+@pytest.mark.parametrize(
+    "builder, kwargs", [(models.mlp, {"hidden_units": (6, 5)}), (models.vgg10, {"width_multiplier": 0.0625})]
+)
+def test_clip_value_sets_every_quantisers_gradient_window_and_the_weight_clip_range(builder, kwargs):
+    """clip_value=0.5, clipped phase: STE gradient 1 for |x| <= 0.5 and 0 beyond (0.75 included), in
+    every kernel and input quantiser; weight clipping to [-0.5, 0.5]."""
+    model = builder((8, 8, 1), 3, variant="binarynet", clipped=True, clip_value=0.5, **kwargs)
+    x = tf.constant([-1.5, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.5])
+    window = np.array([0, 0, 1, 1, 1, 1, 1, 0, 0], dtype=np.float32)  # 1 where |x| <= 0.5
+    layers = _binary_layers(model)
+    assert len(layers) == (3 if builder is models.mlp else 9)
+    for layer in layers:
+        for quantizer in (layer.kernel_quantizer, layer.input_quantizer):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = quantizer(x)
+            np.testing.assert_array_equal(tape.gradient(y, x).numpy(), window, err_msg=layer.name)
+        np.testing.assert_array_equal(
+            layer.kernel_constraint(x).numpy(), [-0.5, -0.5, -0.5, -0.25, 0.0, 0.25, 0.5, 0.5, 0.5], err_msg=layer.name
+        )
+    glorot = builder((8, 8, 1), 3, clipped=True, clip_value=0.5, weight_clip="glorot", **kwargs)
+    for layer in _binary_layers(glorot):  # the Glorot range does not depend on clip_value; the STE's does
+        shape = tuple(layer.kernel.shape)
+        limit = np.float32(np.sqrt(1.5 / (np.prod(shape[:-2]) * (shape[-2] + shape[-1]))))
+        assert limit < 0.5
+        w = np.resize(x.numpy(), shape)
+        np.testing.assert_allclose(layer.kernel_constraint(tf.constant(w)).numpy(), np.clip(w, -limit, limit), rtol=1e-6)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer.kernel_quantizer(x)
+        np.testing.assert_array_equal(tape.gradient(y, x).numpy(), window)
+
+
+def test_clip_value_in_the_model_gradient_matches_a_numpy_reference():
+    """BinaryNet MLP, clip_value=0.5: d(sum(u * dense_1(x)))/dW = sign(x)^T u * [|W| <= 0.5] and
+    d/dx = u sign(W)^T * [|x| <= 0.5]; kernel entries and inputs at |.| = 0.75 get no gradient."""
+    model = models.mlp((6,), 3, hidden_units=(4,), variant="binarynet", clipped=True, clip_value=0.5)
+    layer = model.get_layer("dense_1")
+    kernel = np.array([[0.75, -0.25, 0.5, -0.75]] * 3 + [[0.25, -0.75, 0.1, 0.6]] * 3, dtype=np.float32)
+    layer.kernel.latent_variable.assign(kernel)
+    x = tf.constant([[0.75, -0.25, 0.0, -0.75, 0.5, 0.3], [-0.1, 0.75, 0.4, 0.2, -0.6, -0.75]])
+    u = tf.constant(np.random.RandomState(0).randn(2, 4).astype(np.float32))
+    first = tf.keras.Model(model.input, layer.output)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        objective = tf.reduce_sum(u * first(x))
+    grad_kernel, grad_x = tape.gradient(objective, [layer.kernel.latent_variable, x])
+    sign = lambda a: np.where(a >= 0, 1.0, -1.0)  # noqa: E731
+    expected_kernel = sign(x.numpy()).T @ u.numpy() * (np.abs(kernel) <= 0.5)
+    expected_x = u.numpy() @ sign(kernel).T * (np.abs(x.numpy()) <= 0.5)
+    np.testing.assert_allclose(grad_kernel.numpy(), expected_kernel, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(grad_x.numpy(), expected_x, rtol=1e-6, atol=0)
+    assert np.all(grad_kernel.numpy()[np.abs(kernel) == 0.75] == 0) and np.all(grad_x.numpy()[np.abs(x.numpy()) == 0.75] == 0)
+    assert np.count_nonzero(expected_kernel) > 0 and np.count_nonzero(expected_x) > 0
+
+
+def _distinct_random_weights(model, seed):
+    """Seeded random values in every weight of `model` (positive for BN's moving variance)."""
+    rng = np.random.RandomState(seed)
+    values = [
+        rng.uniform(0.5, 2.0, w.shape) if "moving_variance" in w.name else rng.normal(0.0, 0.5, w.shape)
+        for w in model.weights
+    ]
+    model.set_weights([v.astype(np.float32) for v in values])
+
+
+@pytest.mark.parametrize(
+    "builder, kwargs, variant, weighted",
+    [(models.vgg10, {"width_multiplier": 0.03125}, "binarynet", 9), (models.mlp, {"hidden_units": (5, 4)}, "binaryconnect", 3)],
+)
+def test_copy_weights_copies_every_variable_of_every_layer(builder, kwargs, variant, weighted):
+    """Against each Keras layer's own weights list: every kernel, gamma, beta, moving mean and variance."""
+    source = builder((12, 12, 1), 3, variant="float", **kwargs)
+    _distinct_random_weights(source, seed=1)
+    target = builder((12, 12, 1), 3, variant=variant, clipped=True, **kwargs)
+    pairs = []  # (source variable, the target's variable of the same name)
+    for layer in source.layers:
+        if layer.weights:
+            by_name = {w.name: w for w in target.get_layer(layer.name).weights}
+            pairs += [(w, by_name.pop(w.name)) for w in layer.weights]
+            assert all("clipped" in n or "clip_enabled" in n for n in by_name), by_name  # the rest: flags
+    kinds = collections.Counter(src.name.split("/")[-1] for src, _ in pairs)
+    assert kinds == {"kernel:0": weighted, **{n: weighted for n in ("gamma:0", "beta:0", "moving_mean:0", "moving_variance:0")}}
+    for src, dst in pairs:  # the target's own values differ from the source's everywhere
+        dst.assign(tf.fill(dst.shape, -7.0))
+        assert np.all(src.numpy() != -7.0)
+    assert models.copy_weights(source, target) == 2 * weighted
+    for src, dst in pairs:
+        np.testing.assert_array_equal(_latent(dst), src.numpy(), err_msg=src.name)
+    assert all(s.clipping_enabled for s in bk.find_switchables(target))  # flags untouched

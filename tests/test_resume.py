@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bnn_keras import cli
+from bnn_keras import cli, data, training
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KILLED_RUN = os.path.join(HERE, "helpers", "killed_run.py")
@@ -155,6 +155,65 @@ def test_two_stage_resumes_at_the_stage_boundary_exactly(two_stage):
     assert [r["bn_momentum"] for r in rows] == [0.85, 0.85, 0.6, 0.6]
     assert _read(pieces, "summary.json")["resumed_at_epochs"] == [2]
     assert seen[0]["rows"] == [0, 1] and "stage.json" in seen[0]["files"]  # killed in the fine-tune stage
+
+
+# Validation accuracy peaks at epoch 1 of 4 (0.667, then 0.6 and 0.633; seed 0), the test
+# accuracy there differs from the last epoch's; killed mid-epoch 3, so the restart must take the
+# best of epochs 0-2 from history.json, and that best is not the last finished epoch.
+EARLY_BEST = ["train", "mnist_mlp", "--limit", "300", "--hidden-units", "16", "16", "--epochs", "4",
+              "--batch-size", "50", "--lr", "0.05", "--lr-end", "0.005", "--verbose", "0"]
+
+
+@pytest.fixture(scope="module")
+def early_best(tmp_path_factory):
+    """Killed in a subprocess, then resumed here (one TensorFlow start fewer)."""
+    out = tmp_path_factory.mktemp("early_best")
+    _run(EARLY_BEST, out, "batch:3:2")
+    killed_rows = [r["epoch"] for r in _read(out, "history.json")]
+    assert cli.main(EARLY_BEST + ["--out", str(out)]) == 0
+    return out, killed_rows
+
+
+def _first_best(rows):
+    """The first epoch with the highest val_accuracy, computed here from the history rows."""
+    val = [row["val_accuracy"] for row in rows]
+    return val.index(max(val))
+
+
+def test_resumed_run_keeps_a_best_epoch_from_before_the_kill(early_best):
+    out, killed_rows = early_best
+    assert killed_rows == [0, 1, 2]  # the restart resumed after epoch 2, mid-epoch 3 redone
+    rows = _read(out, "history.json")
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    best = _first_best(rows)
+    # the fixture can tell: the best is before the kill and is neither the last finished nor the last epoch
+    assert best < 2 and rows[best]["val_accuracy"] > max(r["val_accuracy"] for r in rows[best + 1:])
+    assert rows[best]["test_accuracy"] != rows[-1]["test_accuracy"]
+    summary = _read(out, "summary.json")
+    assert summary["resumed_at_epochs"] == [3]
+    assert (summary["best_epoch"], summary["best_epoch_1based"]) == (best, best + 1)
+    assert summary["best_val_accuracy"] == rows[best]["val_accuracy"]
+    assert summary["test_accuracy_at_best"] == rows[best]["test_accuracy"]
+    assert summary["final_test_accuracy"] == rows[-1]["test_accuracy"]
+    assert [r["best_epoch"] for r in rows] == [float(_first_best(rows[: e + 1])) for e in range(4)]
+    # best_model.keras holds that epoch's weights: its test accuracy, recomputed, is the row's
+    model = tf.keras.models.load_model(out / "best_model.keras", compile=False)
+    splits = data.load("embedded", limit=300, batch_size=50, targets="hinge")
+    images, targets = (np.concatenate(part) for part in zip(*splits.test.as_numpy_iterator()))
+    accuracy = np.mean(np.argmax(model.predict(images, verbose=0), axis=1) == np.argmax(targets, axis=1))
+    assert accuracy == pytest.approx(rows[best]["test_accuracy"], abs=1e-6)
+
+
+@pytest.mark.parametrize("val, best", [([0.5, 0.8, 0.6, 0.7], 1), ([0.9, 0.5, 0.6], 0), ([0.5, 0.8, 0.8, 0.7], 1)])
+def test_best_keeper_resume_takes_the_best_finished_epoch_not_the_last(val, best):
+    rows = [{"epoch": e, "val_accuracy": v, "test_accuracy": 0.1 * e} for e, v in enumerate(val)]
+    keeper = training._BestKeeper(None, None)
+    keeper.resume(rows)
+    assert (keeper.best_epoch, keeper.best) == (best, val[best])
+    assert keeper.best_logs == rows[best]
+    empty = training._BestKeeper(None, None)
+    empty.resume([])
+    assert empty.best_epoch is None
 
 
 def _snapshot(folder):

@@ -41,20 +41,23 @@ def switched(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_stage(tmp_path_factory):
-    """two-stage with a spy on copy_weights that records both models' kernels right after the copy."""
+    """two-stage with a spy on copy_weights that records, from each Keras layer's own weights list,
+    every variable of both models before and after the copy, and the binary model's predictions
+    on the validation and test images right after it."""
     out = tmp_path_factory.mktemp("two_stage")
-    seen = {}
+    arrays = {split: _arrays(split, "hinge") for split in ("validation", "test")}
+    seen = {"labels": {split: labels for split, (_, labels) in arrays.items()}}
     original = models.copy_weights
 
+    def values(model):
+        return {(layer.name, w.name): np.array(_latent(w)) for layer in model.layers for w in layer.weights}
+
     def spy(source, target):
+        seen["target_before"] = values(target)
         count = original(source, target)
-        seen["source"] = [np.array(_latent(l.kernel)) for l in models._weighted_layers(source) if hasattr(l, "kernel")]
-        seen["target"] = [np.array(_latent(l.kernel)) for l in models._weighted_layers(target) if hasattr(l, "kernel")]
-        seen["bn"] = [
-            (s.moving_mean.numpy(), t.moving_mean.numpy())
-            for s, t in zip(models._weighted_layers(source), models._weighted_layers(target))
-            if isinstance(s, tf.keras.layers.BatchNormalization)
-        ]
+        seen["source"], seen["target"] = values(source), values(target)
+        seen["float_layers"] = [layer.name for layer in source.layers if layer.weights]
+        seen["predictions"] = {split: target.predict(images, verbose=0) for split, (images, _) in arrays.items()}
         seen["target_name"] = target.name
         return count
 
@@ -67,6 +70,25 @@ def two_stage(tmp_path_factory):
     finally:
         models.copy_weights = original
     return recipe, result, seen
+
+
+@pytest.fixture(scope="module")
+def gradients_only(tmp_path_factory):
+    """clipped with clipped STE only (weight clipping off), cross-entropy, constant LR 0.1, 3 epochs:
+    latent weights grow past 1, and validation accuracy peaks at epoch 1 (0.52, 0.72, 0.70)."""
+    out = tmp_path_factory.mktemp("gradients_only")
+    recipe = TINY.replace(
+        schedule="clipped", clipping="gradients", loss="crossentropy", epochs=3,
+        lr_schedule="constant", lr_start=0.1, output_dir=str(out),
+    )
+    return recipe, training.run(recipe)
+
+
+def _arrays(split, targets, limit=500):
+    """Images and class labels of one split ("validation" / "test") of the embedded subset."""
+    splits = data.load("embedded", limit=limit, batch_size=50, targets=targets)
+    images, labels = (np.concatenate(part) for part in zip(*getattr(splits, split).as_numpy_iterator()))
+    return images, labels if targets == "sparse" else np.argmax(labels, axis=1)  # hinge: +1 at the class
 
 
 def _latent(variable):
@@ -135,18 +157,26 @@ def test_best_model_holds_the_best_epoch_weights_and_accuracy_is_argmax(switched
 
 
 def test_two_stage_binary_model_starts_from_the_float_weights(two_stage):
+    """Every variable of every float layer (kernels, gamma, beta, moving mean and variance), as Keras
+    lists it, is in the binary model after the copy; the binary model's own values differed."""
     _, _, seen = two_stage
     assert seen["target_name"] == "mlp_binaryconnect"
-    assert len(seen["source"]) == len(seen["target"]) == 3
-    for source, target in zip(seen["source"], seen["target"]):
-        np.testing.assert_array_equal(source, target)
-    for source, target in seen["bn"]:
-        np.testing.assert_array_equal(source, target)
-        assert np.any(source != 0)  # trained statistics, not the initial zeros
+    assert seen["float_layers"] == ["dense_1", "bn_1", "dense_2", "bn_2", "dense_out", "bn_out"]
+    copied = list(seen["source"])
+    assert {name.split("/")[-1] for _, name in copied} == {
+        "kernel:0", "gamma:0", "beta:0", "moving_mean:0", "moving_variance:0"}
+    assert len(copied) == 3 + 3 * 4
+    for key in copied:
+        np.testing.assert_array_equal(seen["target"][key], seen["source"][key], err_msg=str(key))
+        # trained float values against the binary model's own initial ones
+        assert np.all(seen["target_before"][key] != seen["source"][key]), key
+    for key in set(seen["target"]) - set(copied):  # the clipping flags only, untouched
+        assert "clipped" in key[1] or "clip_enabled" in key[1], key
+        assert seen["target"][key] == seen["target_before"][key] == 1.0
 
 
 def test_two_stage_history_has_both_stages(two_stage):
-    recipe, result, _ = two_stage
+    recipe, result, seen = two_stage
     rows = result["history"]
     assert [(r["epoch"], r["stage"], r["stage_epoch"]) for r in rows] == [
         (0, "pretrain", 0), (1, "pretrain", 1), (2, "finetune", 0),
@@ -157,24 +187,69 @@ def test_two_stage_history_has_both_stages(two_stage):
     assert [r["stage"] for r in _history_csv(recipe.output_dir)] == ["pretrain", "pretrain", "finetune"]
     assert result["best_epoch"] == 0 and result["total_epochs"] == 3 and result["stage_boundary_epoch"] == 2
     assert result["test_accuracy_at_best"] == pytest.approx(rows[2]["test_accuracy"])
-    assert 0 <= result["binarised_val_accuracy"] <= 1
+    # Seeded numbers of this run (50 validation / 500 test images), each also recomputed here: the
+    # binarised accuracies from the binary model's predictions right after the copy, the rest from rows.
+    for split, field, expected in (("validation", "binarised_val_accuracy", 0.38), ("test", "binarised_test_accuracy", 0.314)):
+        recomputed = np.mean(np.argmax(seen["predictions"][split], axis=1) == seen["labels"][split])
+        assert recomputed == pytest.approx(expected, abs=1e-6)
+        assert result[field] == pytest.approx(recomputed, abs=1e-6)
+    assert [r["val_accuracy"] for r in rows] == pytest.approx([0.56, 0.82, 0.80], abs=1e-6)
+    assert [r["test_accuracy"] for r in rows] == pytest.approx([0.492, 0.652, 0.722], abs=1e-6)
+    assert result["pretrain_best_epoch"] == 1
     assert result["pretrain_best_val_accuracy"] == pytest.approx(max(r["val_accuracy"] for r in rows[:2]))
+    assert result["pretrain_test_accuracy_at_best"] == pytest.approx(rows[1]["test_accuracy"])
     assert set(os.listdir(recipe.output_dir)) == FILES
     model = tf.keras.models.load_model(os.path.join(recipe.output_dir, "best_model.keras"))
     assert {s.clipping_enabled for s in bk.find_switchables(model)} == {True}  # fine-tuned clipped
     assert {l.momentum for l in model.layers if isinstance(l, tf.keras.layers.BatchNormalization)} == {0.6}
 
 
-def test_clipped_gradients_only_with_crossentropy(tmp_path):
-    recipe = TINY.replace(
-        schedule="clipped", clipping="gradients", loss="crossentropy", epochs=1, output_dir=str(tmp_path)
-    )
-    result = training.run(recipe)
-    assert [r["clipping_phase"] for r in result["history"]] == [1.0]
-    model = tf.keras.models.load_model(tmp_path / "best_model.keras")
+def test_clipped_gradients_only_with_crossentropy(gradients_only):
+    """Clipped STE on, weight clipping off: latent weights beyond 1 exist and get exactly no gradient."""
+    recipe, result = gradients_only
+    assert [r["clipping_phase"] for r in result["history"]] == [1.0, 1.0, 1.0]
+    model = tf.keras.models.load_model(os.path.join(recipe.output_dir, "best_model.keras"))
     states = {(type(s).__name__, s.clipping_enabled) for s in bk.find_switchables(model)}
     assert states == {("SwitchableSteSign", True), ("SwitchableWeightClip", False)}
-    assert 0.1 < result["test_accuracy_at_best"] <= 1
+    # seeded numbers, and the summary's test accuracy recomputed from the best model's predictions
+    assert result["test_accuracy_at_best"] == pytest.approx(0.638, abs=1e-6)
+    images, labels = _arrays("test", "sparse")
+    logits = model.predict(images, verbose=0)
+    assert np.mean(np.argmax(logits, axis=1) == labels) == pytest.approx(result["test_accuracy_at_best"], abs=1e-6)
+
+    kernels = [l.kernel for l in model.layers if hasattr(l, "kernel")]
+    loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def kernel_gradients():
+        with tf.GradientTape() as tape:
+            value = loss(labels[:100], model(images[:100], training=False))
+        return [g.numpy() for g in tape.gradient(value, [k.latent_variable for k in kernels])]
+
+    clipped = kernel_gradients()
+    bk.set_clipping(model, False)  # the same weights and forward pass with the vanilla (identity) STE
+    vanilla = kernel_gradients()
+    for kernel, g_clipped, g_vanilla in zip(kernels, clipped, vanilla):
+        outside = np.abs(_latent(kernel)) > 1
+        assert outside.sum() > 0  # weight clipping really was off
+        assert np.count_nonzero(g_vanilla[outside]) > 0  # so the zeros below are the clipping's
+        np.testing.assert_array_equal(g_clipped, np.where(outside, 0.0, g_vanilla))
+
+
+def test_test_accuracy_at_best_is_the_best_validation_epochs_not_the_last(gradients_only):
+    recipe, result = gradients_only
+    with open(os.path.join(recipe.output_dir, "history.json")) as file:
+        rows = json.load(file)
+    val = [r["val_accuracy"] for r in rows]
+    best = val.index(max(val))  # the first epoch with the highest validation accuracy
+    assert best == 1 and rows[best]["test_accuracy"] != rows[-1]["test_accuracy"]  # the fixture can tell
+    with open(os.path.join(recipe.output_dir, "summary.json")) as file:
+        summary = json.load(file)
+    assert (summary["best_epoch"], summary["best_epoch_1based"]) == (best, best + 1)
+    assert summary["best_val_accuracy"] == rows[best]["val_accuracy"]
+    assert summary["test_accuracy_at_best"] == rows[best]["test_accuracy"]
+    assert summary["test_error_at_best"] == pytest.approx(1 - rows[best]["test_accuracy"])
+    assert summary["final_test_accuracy"] == rows[-1]["test_accuracy"]
+    assert [r["best_epoch"] for r in rows] == [0.0, 1.0, 1.0]
 
 
 def test_set_clipping_parts_sets_each_switchable():
