@@ -83,7 +83,7 @@ TARGETS: dict[str, Target] = {
     "export": Target(
         "bnn_keras/export.py",
         ("_BinaryDenseAsConv", "_dense_rewrite_blocker", "rewrite_binary_dense", "_verify"),
-        ("tests/test_export.py",),
+        ("tests/test_export_verification.py", "tests/test_export.py"),
     ),
 }
 

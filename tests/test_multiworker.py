@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -67,6 +68,17 @@ def _history(out):
         return json.load(file)
 
 
+def _assert_rows_match(row, expected, rel):
+    """Text columns ("stage") exactly, numbers to `rel`; wall-clock columns are not compared."""
+    for key, value in row.items():
+        if key in WALL:
+            continue
+        if isinstance(value, (str, bool)) or value is None:
+            assert value == expected[key], key
+        else:
+            assert value == pytest.approx(expected[key], rel=rel), key
+
+
 def test_two_workers_train_one_run_and_switch_phase(two_workers):
     chief, _, _, log = two_workers
     rows = _history(chief)
@@ -86,9 +98,7 @@ def test_two_workers_equal_one_process_on_the_same_global_batch(two_workers):
     two_rows, one_rows = _history(chief), _history(one)
     assert [set(r) for r in two_rows] == [set(r) for r in one_rows]
     for two, single in zip(two_rows, one_rows):
-        for key, value in two.items():
-            if key not in WALL:
-                assert value == pytest.approx(single[key], rel=1e-5), key
+        _assert_rows_match(two, single, rel=1e-5)
 
 
 def test_only_the_chief_writes_and_its_model_loads_anywhere(two_workers):
@@ -100,13 +110,34 @@ def test_only_the_chief_writes_and_its_model_loads_anywhere(two_workers):
     assert len(batch_norms) == 3 and not any(layer.synchronized for layer in batch_norms)  # plain BN saved
 
 
-def test_mirrored_on_one_device_runs_and_logs_its_scaling(tmp_path, capsys):
-    out = tmp_path / "mirrored"
-    argv = ["train", "mnist_mlp", "--limit", "200", "--hidden-units", "8", "--epochs", "1", "--batch-size", "50",
-            "--strategy", "mirrored", "--verbose", "2", "--out", str(out)]
-    assert cli.main(argv) == 0
+def test_mirrored_on_one_device_equals_the_default_strategy_and_logs_its_scaling(tmp_path, capsys):
+    """One replica: the same run as without a strategy (same seed, same batches, nothing scaled)."""
+    common = ["train", "mnist_mlp", "--limit", "200", "--hidden-units", "8", "--epochs", "2", "--batch-size", "50",
+              "--verbose", "2"]
+    assert cli.main(common + ["--out", str(tmp_path / "default")]) == 0
+    assert "bnn-keras: default strategy, 1 replica: batch 50, learning rate 0.001\n" in capsys.readouterr().out
+    assert cli.main(common + ["--strategy", "mirrored", "--out", str(tmp_path / "mirrored")]) == 0
     assert "bnn-keras: MirroredStrategy, 1 replica: batch 50, learning rate 0.001\n" in capsys.readouterr().out
-    with open(out / "summary.json") as file:
-        summary = json.load(file)
-    assert summary["distribution"]["replicas"] == 1 and summary["recipe"]["strategy"] == "mirrored"
-    assert 0 <= summary["test_accuracy_at_best"] <= 1
+    summaries, histories = {}, {}
+    for name in ("default", "mirrored"):
+        with open(tmp_path / name / "summary.json") as file:
+            summaries[name] = json.load(file)
+        histories[name] = _history(tmp_path / name)
+    assert summaries["mirrored"]["distribution"] == {
+        "strategy": "MirroredStrategy", "replicas": 1, "per_replica_batch": 50, "global_batch": 50,
+        "base_learning_rate": 0.001, "learning_rate": 0.001,
+        "description": "MirroredStrategy, 1 replica: batch 50, learning rate 0.001",
+    }
+    assert summaries["mirrored"]["recipe"]["strategy"] == "mirrored"
+    assert summaries["default"]["distribution"]["strategy"] == "default strategy"
+    assert [set(r) for r in histories["mirrored"]] == [set(r) for r in histories["default"]]
+    assert len(histories["mirrored"]) == 2
+    for mirrored, default in zip(histories["mirrored"], histories["default"]):
+        _assert_rows_match(mirrored, default, rel=1e-6)
+    for key in ("best_epoch", "best_val_accuracy", "test_accuracy_at_best", "final_test_accuracy"):
+        assert summaries["mirrored"][key] == pytest.approx(summaries["default"][key], rel=1e-6), key
+    models = [tf.keras.models.load_model(tmp_path / name / "best_model.keras", compile=False, safe_mode=True)
+              for name in ("default", "mirrored")]
+    assert [w.shape for w in models[1].weights] == [w.shape for w in models[0].weights]
+    for mirrored, default in zip(models[1].get_weights(), models[0].get_weights()):
+        np.testing.assert_allclose(mirrored, default, rtol=1e-6, atol=1e-7)

@@ -52,6 +52,128 @@ def test_every_optimiser_moves_every_variable_inside_fit(name):
         assert np.any(old != new)
 
 
+# Two steps with known gradients against each optimiser's update rule in numpy, with the
+# hyperparameters the built optimiser reports (epsilon, rho, momentum, ...). Two steps, not one:
+# after one step momentum and SGD agree, and the state carried between steps is what differs.
+# Gradients from 2 down to 1e-4 (and 0): g^2 then spans the epsilons, so where an epsilon sits
+# (inside or outside the square root) shows.
+START = np.array([[0.3, -0.2, 0.05], [1e-3, -0.7, 0.4]], "float64")
+GRADIENTS = (
+    np.array([[0.5, -1e-3, 2.0], [-0.3, 1e-4, 0.0]], "float64"),
+    np.array([[-0.25, -2e-3, 1.0], [0.6, 3e-4, 0.05]], "float64"),
+)
+
+
+def _sgd(w, grads, c):
+    for g in grads:
+        w = w - c["learning_rate"] * g
+    return w
+
+
+def _momentum(w, grads, c, nesterov=False):
+    """Keras' form: v <- mu v - lr g; w <- w + v (nesterov: w <- w + mu v - lr g)."""
+    mu, lr, v = c["momentum"], c["learning_rate"], np.zeros_like(w)
+    for g in grads:
+        v = mu * v - lr * g
+        w = w + (mu * v - lr * g if nesterov else v)
+    return w
+
+
+def _adagrad(w, grads, c):
+    accumulator = np.full_like(w, c["initial_accumulator_value"])
+    for g in grads:
+        accumulator = accumulator + g * g
+        w = w - c["learning_rate"] * g / np.sqrt(accumulator + c["epsilon"])
+    return w
+
+
+def _adadelta(w, grads, c):
+    rho, eps = c["rho"], c["epsilon"]
+    mean_g2, mean_dx2 = np.zeros_like(w), np.zeros_like(w)
+    for g in grads:
+        mean_g2 = rho * mean_g2 + (1 - rho) * g * g
+        dx = -np.sqrt(mean_dx2 + eps) / np.sqrt(mean_g2 + eps) * g
+        mean_dx2 = rho * mean_dx2 + (1 - rho) * dx * dx
+        w = w + c["learning_rate"] * dx
+    return w
+
+
+def _rmsprop(w, grads, c):
+    assert (c.get("momentum", 0.0), c.get("centered", False)) == (0.0, False)  # plain RMSProp
+    mean_g2 = np.zeros_like(w)
+    for g in grads:
+        mean_g2 = c["rho"] * mean_g2 + (1 - c["rho"]) * g * g
+        w = w - c["learning_rate"] * g / np.sqrt(mean_g2 + c["epsilon"])
+    return w
+
+
+def _adam(w, grads, c):
+    assert not c.get("amsgrad", False)
+    b1, b2 = c["beta_1"], c["beta_2"]
+    m, v = np.zeros_like(w), np.zeros_like(w)
+    for t, g in enumerate(grads, start=1):
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        w = w - c["learning_rate"] * np.sqrt(1 - b2**t) / (1 - b1**t) * m / (np.sqrt(v) + c["epsilon"])
+    return w
+
+
+NUMPY_RULES = {
+    "sgd": _sgd,
+    "momentum": _momentum,
+    "nesterov": lambda w, grads, c: _momentum(w, grads, c, nesterov=True),
+    "adagrad": _adagrad,
+    "adadelta": _adadelta,
+    "rmsprop": _rmsprop,
+    "adam": _adam,
+}
+
+
+@pytest.mark.parametrize("name", sorted(NUMPY_RULES))
+def test_two_steps_follow_the_optimisers_update_rule(name):
+    optimizer = get(name, learning_rate=0.01)
+    variable = tf.Variable(START)
+    for gradient in GRADIENTS:
+        optimizer.apply_gradients([(tf.constant(gradient), variable)])
+    expected = NUMPY_RULES[name](START, GRADIENTS, optimizer.get_config())
+    # rtol 1e-5: Keras casts the betas through float32 (Adam's step is off by 7e-6 relative); an
+    # epsilon in the wrong place, a lost state or a wrong hyperparameter is off by 1e-3 or more.
+    np.testing.assert_allclose(variable.numpy(), expected, rtol=1e-5, atol=1e-12)
+    # Every entry with a gradient moved; by more than float32 rounding of an lr-sized step.
+    assert np.all(np.abs(variable.numpy() - START)[GRADIENTS[1] != 0] > 1e-7)
+
+
+def test_bop_two_steps_follow_its_rule_and_the_latent_adams():
+    """Bop (Helwegen et al. 2019): m <- m + gamma (g - m); flip w where w m > threshold.
+    With gamma 1e-4 and threshold 1e-8 a flip needs w g > 1e-4 in one step, or momentum."""
+    model = tiny_binary_model()
+    kernel, bias = model.layers[0].kernel, model.layers[0].bias
+    signs = np.array([[1, -1, 1], [-1, 1, -1], [1, 1, -1], [-1, -1, 1]], "float32")
+    kernel.assign(signs)
+    g_kernel = (
+        # row 0: flips at step 1 (w g = 0.5), then agrees with the new sign: stays flipped;
+        # row 1: against the sign at step 1, with it at step 2: flips at step 2;
+        # row 2: 5e-5 at step 1 (m w = 5e-9 < 1e-8), 8e-5 at step 2: m w = 1.3e-8, flips only
+        #        because the momentum kept step 1's gradient; row 3: never passes the threshold.
+        np.array([[0.5, -0.5, 0.5], [-0.5, 0.5, -0.5], [5e-5, 5e-5, -5e-5], [-2e-5, -2e-5, 2e-5]], "float32"),
+        np.array([[0.5, -0.5, 0.5], [-0.9, 0.9, -0.9], [8e-5, 8e-5, -8e-5], [-5e-5, -5e-5, 5e-5]], "float32"),
+    )
+    g_bias = (np.array([1.0, -2.0, 0.5], "float32"), np.array([-0.5, -1.0, 1e-3], "float32"))
+    opt = get("bop", learning_rate=0.01)
+    bop, latent = opt.bop.get_config(), opt.default.get_config()
+    for step in range(2):
+        opt.apply_gradients([(tf.constant(g_kernel[step]), kernel), (tf.constant(g_bias[step]), bias)])
+
+    w, m = signs.astype("float64"), np.zeros((4, 3))
+    for g in g_kernel:
+        m = m + bop["gamma"] * (g - m)
+        w = np.where(w * m > bop["threshold"], -w, w)
+    np.testing.assert_array_equal(_latent(kernel), w)
+    np.testing.assert_array_equal(w, [[-1, 1, -1], [1, -1, 1], [-1, -1, 1], [-1, -1, 1]])
+    np.testing.assert_allclose(bias.numpy(), _adam(np.zeros(3), g_bias, latent), rtol=1e-5)
+    assert int(opt.iterations.numpy()) == 2
+
+
 def test_unknown_name_is_one_line_listing_all_names():
     with pytest.raises(ValueError) as error:
         get("adamw")
