@@ -64,11 +64,18 @@ TARGETS: dict[str, Target] = {
     "switch": Target(
         "bnn_keras/_switch.py", None, ("tests/test_switching.py", "tests/test_saving.py", "tests/test_callbacks.py")
     ),
-    "callbacks": Target("bnn_keras/callbacks.py", None, ("tests/test_callbacks.py",)),
-    "optimizers": Target(
-        "bnn_keras/optimizers.py",
-        ("ExponentialDecayPerEpoch", "PiecewiseConstantPerEpoch", "LayerwiseLrScaling", "glorot_multipliers"),
-        ("tests/test_optimizers.py",),
+    "callbacks": Target(
+        "bnn_keras/callbacks.py",
+        ("_improvement_op", "_batch_norm_layers", "ClippingSchedule", "BestValidation"),
+        ("tests/test_callbacks.py", "tests/test_schedule_edges.py"),
+    ),
+    "lr_schedules": Target(
+        "bnn_keras/lr_schedules.py",
+        ("ExponentialDecayPerEpoch", "PiecewiseConstantPerEpoch"),
+        ("tests/test_optimizers.py", "tests/test_optimizers_distributed.py"),
+    ),
+    "layerwise": Target(
+        "bnn_keras/layerwise.py", None, ("tests/test_optimizers.py", "tests/test_optimizers_distributed.py")
     ),
     "models": Target(
         "bnn_keras/models.py",
@@ -76,13 +83,21 @@ TARGETS: dict[str, Target] = {
         ("tests/test_models.py",),
     ),
     "best_epoch": Target(
-        "bnn_keras/training.py",
-        ("_BestKeeper", "_best_row", "_promote_best", "_summary"),
+        "bnn_keras/run_folder.py",
+        ("BestKeeper", "RunFolder.promote_best"),
         ("tests/test_training.py", "tests/test_resume.py"),
     ),
-    "export": Target(
-        "bnn_keras/export.py",
-        ("_BinaryDenseAsConv", "_dense_rewrite_blocker", "rewrite_binary_dense", "_verify"),
+    "summary": Target(
+        "bnn_keras/training.py", ("_best_row", "_summary"), ("tests/test_training.py",)
+    ),
+    "export_rewrite": Target(
+        "bnn_keras/export/rewrite.py",
+        ("_BinaryDenseAsConv", "_dense_rewrite_blocker", "rewrite_binary_dense"),
+        ("tests/test_export_verification.py", "tests/test_export.py"),
+    ),
+    "export_verify": Target(
+        "bnn_keras/export/verify.py",
+        ("_agreement", "_failures", "check_flatbuffer"),
         ("tests/test_export_verification.py", "tests/test_export.py"),
     ),
 }

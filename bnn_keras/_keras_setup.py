@@ -1,9 +1,9 @@
 """Make `tf.keras` resolve to tf-keras (Keras 2), which Larq needs, before Keras is touched.
 
 TensorFlow decides what `tf.keras` is on first attribute access, from the environment
-variable TF_USE_LEGACY_KERAS. The installed `bnn_keras_legacy_keras.pth` sets it at
-interpreter start-up; this module does the same for source checkouts and refuses to go on,
-in one line, when Keras 3 has already been bound to `tf.keras`.
+variable TF_USE_LEGACY_KERAS. `import bnn_keras` sets it (unless set) and refuses to go
+on, in one line, when Keras 3 has already been bound to `tf.keras`. Nothing else in the
+environment changes: a program that never imports bnn_keras keeps Keras 3 as tf.keras.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ class Keras3LoadedError(ImportError):
 
 def ensure_legacy_keras() -> None:
     """Route tf.keras to tf-keras, or raise `Keras3LoadedError` naming the fix."""
+    preset = "TF_USE_LEGACY_KERAS" in os.environ
     value = os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     if value not in ("1", "true", "True"):
         raise Keras3LoadedError(
@@ -39,3 +40,43 @@ def ensure_legacy_keras() -> None:
             "bnn_keras needs tf.keras to be tf-keras (Keras 2) but Keras 3 was already "
             "loaded as tf.keras: " + _FIX
         )
+    if not preset:  # TensorFlow 2.21 half-binds Keras 3 when imported: Larq would fail obscurely
+        raise Keras3LoadedError(
+            "bnn_keras needs tf.keras to be tf-keras (Keras 2) but tensorflow was imported before "
+            "bnn_keras without TF_USE_LEGACY_KERAS=1: " + _FIX
+        )
+
+
+def started_as_command() -> bool:
+    """Whether this process is the ``bnn-keras`` command (or ``python -m bnn_keras...``)."""
+    return sys.argv[:1] == ["-m"] or os.path.basename(sys.argv[0] if sys.argv else "") == "bnn-keras"
+
+
+def import_tensorflow(quiet: bool) -> str:
+    """Import TensorFlow; with `quiet`, keep its C++ start-up lines off the terminal and return them.
+
+    TensorFlow and absl print CUDA probing and CPU-feature notices to file descriptor 2
+    while importing and probing devices, whatever TF_CPP_MIN_LOG_LEVEL says; `quiet`
+    captures both (the probe runs here), and sets TF_CPP_MIN_LOG_LEVEL=2 (unless the
+    environment sets a level) for the later ones.
+    """
+    if not quiet or "tensorflow" in sys.modules:
+        import tensorflow  # noqa: F401
+
+        return ""
+    import tempfile
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow
+
+            tensorflow.config.list_physical_devices()  # probes CUDA now, into the capture
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        return captured.read().decode("utf-8", "replace")

@@ -4,6 +4,8 @@
   weight clipping, a lower learning rate and a lower BN momentum (the study's rules 3 and 5).
 - `BestValidation`: the study's reporting protocol without early stopping: keep the
   weights and test metrics of the best validation epoch, never stop training.
+- `EpochClock`, `StopOnNonFinite`, `HistoryRows`: the training loop's bookkeeping (epoch
+  wall time, stop at the first non-finite loss, one row per epoch handed to a writer).
 
 Both write what they did into the epoch logs, so `History`, `CSVLogger` and TensorBoard
 see it.
@@ -12,7 +14,8 @@ see it.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+import time
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -20,16 +23,18 @@ import tensorflow as tf
 from bnn_keras import optimizers as bk_optimizers
 from bnn_keras._switch import find_switchables
 
-__all__ = ["BestValidation", "ClippingSchedule"]
+__all__ = ["BestValidation", "ClippingSchedule", "EpochClock", "HistoryRows", "StopOnNonFinite", "TrainingDivergedError"]
 
 
 def _improvement_op(monitor: str, mode: str):
-    """Return `better(current, best, min_delta)` for a metric watched in `mode`."""
+    """Return `better(current, best, min_delta)` and the starting best for `monitor` in `mode`.
+
+    "auto" follows Keras' `EarlyStopping`: maximise a monitor ending in acc, accuracy or
+    auc, minimise any other.
+    """
     if mode not in ("auto", "min", "max"):
         raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
-    if mode == "auto":
-        mode = "max" if ("acc" in monitor or "auc" in monitor) else "min"
-    if mode == "max":
+    if tf.keras.callbacks.EarlyStopping(monitor=monitor, mode=mode).monitor_op == np.greater:
         return (lambda current, best, delta: current > best + delta), -math.inf
     return (lambda current, best, delta: current < best - delta), math.inf
 
@@ -109,11 +114,12 @@ class ClippingSchedule(tf.keras.callbacks.Callback):
             _, self._best = _improvement_op(self.monitor, self.mode)
         self._replayed = False
 
-    def replay(self, history: Sequence[Mapping[str, float]]) -> None:
+    def replay(self, history: Sequence[Mapping[str, float]], epochs: int | None = None) -> None:
         """Rebuild the plateau counter and switch epoch from the logs of finished epochs.
 
         For a resumed run: call it before `fit` with the epoch logs written so far (in
-        order), and the run switches exactly when an uninterrupted one would have.
+        order) and the run's epoch count, and the run switches exactly when an
+        uninterrupted one would have (a plateau at the end of the last epoch switches nothing).
         """
         self._wait, self.switched_at_epoch = 0, None
         _, self._best = _improvement_op(self.monitor, self.mode)
@@ -129,6 +135,9 @@ class ClippingSchedule(tf.keras.callbacks.Callback):
                 self._best, self._wait = float(current), 0
             else:
                 self._wait += 1
+        more_to_come = epochs is None or len(history) < epochs
+        if self.switched_at_epoch is None and self.patience is not None and self._wait >= self.patience and more_to_come:
+            self.switched_at_epoch = len(history)  # decided at the end of the last finished epoch
         self._replayed = True
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
@@ -164,7 +173,8 @@ class ClippingSchedule(tf.keras.callbacks.Callback):
             self._best, self._wait = float(current), 0
             return
         self._wait += 1
-        if self._wait >= self.patience:
+        last = self.params.get("epochs") if self.params else None
+        if self._wait >= self.patience and (last is None or epoch + 1 < last):  # none after the last epoch
             self.switch(epoch + 1)
 
     def switch(self, epoch: int) -> None:
@@ -285,3 +295,83 @@ class BestValidation(tf.keras.callbacks.Callback):
             "mode": self.mode,
             "restore_best_weights": self.restore_best_weights,
         }
+
+
+class TrainingDivergedError(RuntimeError):
+    """The training loss became NaN or infinite; the last good checkpoint and best model are kept."""
+
+
+class EpochClock(tf.keras.callbacks.Callback):
+    """Log `epoch_time_s`: wall seconds of the epoch's training and validation.
+
+    Put it first in the callback list, so later callbacks' work (a test evaluation) is not counted.
+    """
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if logs is not None:
+            logs["epoch_time_s"] = time.perf_counter() - self._started
+
+
+class StopOnNonFinite(tf.keras.callbacks.Callback):
+    """Raise `TrainingDivergedError` after the first batch whose loss is NaN or infinite.
+
+    Not Keras' `TerminateOnNaN`: that lets the epoch end, so end-of-epoch callbacks would
+    back up or keep the broken weights. `epoch_offset` and `steps` only word the message.
+    """
+
+    def __init__(self, epoch_offset: int = 0, steps: int | None = None):
+        super().__init__()
+        self.epoch_offset, self.steps = epoch_offset, steps
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            of = f" of {self.steps}" if self.steps else ""
+            raise TrainingDivergedError(
+                f"the training loss became {float(loss)} in epoch {self.epoch_offset + self._epoch + 1}, "
+                f"batch {batch + 1}{of}"
+            )
+
+
+class HistoryRows(tf.keras.callbacks.Callback):
+    """Append one row per epoch (its logs plus LR, BN momentum, clipping phase, stage) to `rows`.
+
+    Not Keras' `CSVLogger`: a resumed run must rewrite the history without the rows of
+    the epoch it redoes, and write JSON as well; `write(rows)` is called after each row.
+    Put it after the callbacks whose logs it should see (test metrics, best epoch). `lr`
+    is the rate used *during* the epoch, read when the epoch starts.
+    """
+
+    def __init__(
+        self,
+        rows: list[dict[str, Any]],
+        stage: str = "train",
+        epoch_offset: int = 0,
+        write: Callable[[list[dict[str, Any]]], None] | None = None,
+    ):
+        super().__init__()
+        self.rows, self.stage, self.epoch_offset, self.write = rows, stage, epoch_offset, write
+        self._lr = float("nan")
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._lr = bk_optimizers.current_learning_rate(self.model.optimizer)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        logs = logs if logs is not None else {}
+        bns = _batch_norm_layers(self.model)
+        # ClippingSchedule, when present, has logged what the epoch trained with; keep it.
+        logs.setdefault("lr", self._lr)
+        logs.setdefault("bn_momentum", float(bns[0].momentum) if bns else float("nan"))
+        logs.setdefault("clipping_phase", float(any(s.clipping_enabled for s in find_switchables(self.model))))
+        row: dict[str, Any] = {"epoch": self.epoch_offset + epoch, "stage": self.stage, "stage_epoch": epoch}
+        row.update({k: float(v) for k, v in logs.items() if np.isscalar(v)})
+        self.rows.append(row)
+        if self.write is not None:
+            self.write(self.rows)

@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
+import traceback
+from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
 __all__ = ["build_parser", "main"]
@@ -39,24 +43,15 @@ class _Parser(argparse.ArgumentParser):
 # --------------------------------------------------------------------------- value types
 
 
-def _number(kind: Callable[[str], Any], check: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not check(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
-        return value
+def _typed(rule: Any, expected: str | None = None) -> Callable[[str], Any]:
+    """An argparse ``type`` from a field rule of `bnn_keras.recipe` (named for argparse's messages)."""
+    parse = rule.parse
 
-    parse.__name__ = expected  # argparse names the type in its messages
-    return parse
+    def typed(text: str) -> Any:
+        return parse(text)
 
-
-_positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
-_nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
-_positive_float = _number(float, lambda v: v > 0 and v != float("inf"), "a number > 0")
-_momentum = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+    typed.__name__ = expected or rule.expected.replace(" or None", "")
+    return typed
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -72,54 +67,76 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 # --------------------------------------------------------------------------- arguments
 
+# (group, flag, help, extra argparse arguments); type and choices come from the field rules.
+_RECIPE_FLAGS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
+    ("data", "--dataset", "'embedded' (packaged Fashion-MNIST subset), mnist, fashion_mnist, cifar10 or another TFDS image dataset", {}),
+    ("data", "--data-dir", "TFDS data directory holding the prepared dataset", {"metavar": "DIR"}),
+    ("data", "--raw-dir", "folder with the original files (e.g. /usr/share/datasets/fashion-mnist), prepared into --data-dir once", {"metavar": "DIR"}),
+    ("data", "--limit", "use only the first N training and N test examples", {"metavar": "N"}),
+    ("model", "--model", "network (default: the recipe's)", {}),
+    ("model", "--variant", "float, binaryconnect (binary weights) or binarynet (binary weights and activations)", {}),
+    ("model", "--hidden-units", "mlp: units of each hidden layer (study: 2048 2048 2048)", {"nargs": "+", "metavar": "N"}),
+    ("model", "--width-multiplier", "vgg10: multiply every width by F", {"metavar": "F"}),
+    ("model", "--weight-clip", "weight-clip range: [-1, 1], BinaryConnect's per-layer Glorot range, or no weight-clip constraint", {}),
+    ("model", "--real-input", "binarynet: keep the network's input real-valued (default: binarised)", {"dest": "binarize_input", "action": "store_false"}),
+    ("model", "--bn-momentum", "BatchNormalization moving-average momentum, in [0, 1) (study: 0.85 MLP, 0.9 CNN)", {"metavar": "M"}),
+    ("model", "--loss", "squared_hinge on +-1 targets (study) or crossentropy", {}),
+    ("optimiser", "--optimizer", "optimiser (study: adam)", {}),
+    ("optimiser", "--opt", "extra optimiser hyperparameter, repeatable (e.g. --opt beta_2=0.99)", {"dest": "optimizer_kwargs", "type": _key_value, "action": "append", "metavar": "KEY=VALUE"}),
+    ("optimiser", "--lr", "learning rate of the first epoch (> 0)", {"dest": "lr_start", "metavar": "LR"}),
+    ("optimiser", "--lr-end", "learning rate of the last epoch, exponential schedule (> 0)", {"metavar": "LR"}),
+    ("optimiser", "--lr-schedule", "exponential per-epoch decay --lr -> --lr-end (study), or constant --lr", {}),
+    ("optimiser", "--lr-scaling", "BinaryConnect's Glorot per-layer LR scaling, on the update or on the gradient, or none", {}),
+    ("optimiser", "--epochs", "epochs to train (>= 1; the binary fine-tuning epochs for two-stage)", {"metavar": "N"}),
+    ("optimiser", "--batch-size", "examples per batch", {"metavar": "N"}),
+    ("clipping schedule", "--schedule", "clipped from the start, vanilla STE throughout, vanilla then clipped, or float pretraining then binary fine-tuning", {}),
+    ("clipping schedule", "--clipping", "what the clipped phase turns on: both, gradients (clipped STE), weights (weight clipping) or none", {}),
+    ("clipping schedule", "--switch-epoch", "vanilla-then-clipped: clip from 0-based epoch E on", {"metavar": "E"}),
+    ("clipping schedule", "--patience", "vanilla-then-clipped: clip after N epochs without a better validation accuracy", {"metavar": "N"}),
+    ("clipping schedule", "--lr-factor", "multiply the LR by F at the switch (two-stage: for the fine-tuning stage)", {"metavar": "F"}),
+    ("clipping schedule", "--switch-bn-momentum", "BN momentum from the switch on (two-stage: of the fine-tuned model)", {"metavar": "M"}),
+    ("clipping schedule", "--pretrain-epochs", "two-stage: epochs of float pretraining", {"metavar": "N", "minimum": 1}),
+    ("run", "--seed", "seed of initialisation and shuffling: one seed, one machine, identical histories", {"metavar": "K", "train_only": True}),
+    ("run", "--nondeterministic", "allow TensorFlow's nondeterministic (faster GPU) kernels: runs with one seed then differ slightly, and a resumed run no longer equals an uninterrupted one exactly", {"dest": "deterministic", "action": "store_false"}),
+    # train only: a multi-worker strategy is set up once per process, a study runs many
+    ("run", "--strategy", "tf.distribute strategy: default (one device), mirrored (local GPUs), multi-worker (cluster in TF_CONFIG), tpu; --batch-size is per replica and the learning rate is scaled by the replica count", {"train_only": True}),
+    ("run", "--verbose", "Keras output: 0 silent, 1 progress bar, 2 one line per epoch (and TensorFlow's own log lines)", {}),
+)
+
+
+def _rule_arguments(dest: str) -> dict[str, Any]:
+    """argparse's type or choices for the setting `dest`, from `recipe.FIELDS` / `recipe.MODEL_FLAGS`."""
+    from bnn_keras.recipe import FIELDS, MODEL_FLAGS
+
+    rule = FIELDS.get(dest) or MODEL_FLAGS.get(dest)
+    if rule is None or rule.kind in ("text", "path", "bool"):
+        return {}
+    if rule.kind == "choice":
+        options = rule.options
+        if all(isinstance(o, int) for o in options):
+            return {"type": int, "choices": options}
+        return {"choices": [o if o is not None else "none" for o in options]}
+    return {"type": _typed(rule)}
+
 
 def _add_recipe_flags(parser: argparse.ArgumentParser, *, study: bool) -> None:
     """The flags that override a recipe's settings (shared by train and study)."""
-    from bnn_keras import distribute, models, optimizers, training
+    groups: dict[str, Any] = {}
+    for group, flag, help_text, extra in _RECIPE_FLAGS:
+        extra = dict(extra)
+        if extra.pop("train_only", False) and study:
+            continue
+        minimum = extra.pop("minimum", None)
+        dest = extra.setdefault("dest", flag[2:].replace("-", "_"))
+        if "action" not in extra and "type" not in extra:
+            extra.update(_rule_arguments(dest))
+        if minimum is not None:  # a flag stricter than its field (0 pretrain epochs is the field's "off")
+            from bnn_keras.recipe import Rule
 
-    S = argparse.SUPPRESS  # an absent flag keeps the recipe's value
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default=S, help="'embedded' (packaged Fashion-MNIST subset), mnist, fashion_mnist, cifar10 or another TFDS image dataset")
-    data.add_argument("--data-dir", dest="data_dir", default=S, metavar="DIR", help="TFDS data directory holding the prepared dataset")
-    data.add_argument("--raw-dir", dest="raw_dir", default=S, metavar="DIR", help="folder with the original files (e.g. /usr/share/datasets/fashion-mnist), prepared into --data-dir once")
-    data.add_argument("--limit", type=_positive_int, default=S, metavar="N", help="use only the first N training and N test examples")
-
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", choices=models.NAMES, default=S, help="network (default: the recipe's)")
-    model.add_argument("--variant", choices=models.VARIANTS, default=S, help="float, binaryconnect (binary weights) or binarynet (binary weights and activations)")
-    model.add_argument("--hidden-units", dest="hidden_units", type=_positive_int, nargs="+", default=S, metavar="N", help="mlp: units of each hidden layer (study: 2048 2048 2048)")
-    model.add_argument("--width-multiplier", dest="width_multiplier", type=_positive_float, default=S, metavar="F", help="vgg10: multiply every width by F")
-    model.add_argument("--weight-clip", dest="weight_clip", choices=("unit", "glorot", "none"), default=S, help="weight-clip range: [-1, 1], BinaryConnect's per-layer Glorot range, or no weight-clip constraint")
-    model.add_argument("--real-input", dest="binarize_input", action="store_false", default=S, help="binarynet: keep the network's input real-valued (default: binarised)")
-    model.add_argument("--bn-momentum", dest="bn_momentum", type=_momentum, default=S, metavar="M", help="BatchNormalization moving-average momentum, in [0, 1) (study: 0.85 MLP, 0.9 CNN)")
-    model.add_argument("--loss", choices=training.LOSSES, default=S, help="squared_hinge on +-1 targets (study) or crossentropy")
-
-    opt = parser.add_argument_group("optimiser")
-    opt.add_argument("--optimizer", choices=optimizers.NAMES, default=S, help="optimiser (study: adam)")
-    opt.add_argument("--opt", dest="optimizer_kwargs", type=_key_value, action="append", default=S, metavar="KEY=VALUE", help="extra optimiser hyperparameter, repeatable (e.g. --opt beta_2=0.99)")
-    opt.add_argument("--lr", dest="lr_start", type=_positive_float, default=S, metavar="LR", help="learning rate of the first epoch (> 0)")
-    opt.add_argument("--lr-end", dest="lr_end", type=_positive_float, default=S, metavar="LR", help="learning rate of the last epoch, exponential schedule (> 0)")
-    opt.add_argument("--lr-schedule", dest="lr_schedule", choices=training.LR_SCHEDULES, default=S, help="exponential per-epoch decay --lr -> --lr-end (study), or constant --lr")
-    opt.add_argument("--lr-scaling", dest="lr_scaling", choices=("update", "gradient"), default=S, help="BinaryConnect's Glorot per-layer LR scaling, on the update or on the gradient")
-    opt.add_argument("--epochs", type=_positive_int, default=S, metavar="N", help="epochs to train (>= 1; the binary fine-tuning epochs for two-stage)")
-    opt.add_argument("--batch-size", dest="batch_size", type=_positive_int, default=S, metavar="N", help="examples per batch")
-
-    clip = parser.add_argument_group("clipping schedule")
-    clip.add_argument("--schedule", choices=training.SCHEDULES, default=S, help="clipped from the start, vanilla STE throughout, vanilla then clipped, or float pretraining then binary fine-tuning")
-    clip.add_argument("--clipping", choices=training.CLIPPINGS, default=S, help="what the clipped phase turns on: both, gradients (clipped STE), weights (weight clipping) or none")
-    clip.add_argument("--switch-epoch", dest="switch_epoch", type=_nonnegative_int, default=S, metavar="E", help="vanilla-then-clipped: clip from 0-based epoch E on")
-    clip.add_argument("--patience", type=_positive_int, default=S, metavar="N", help="vanilla-then-clipped: clip after N epochs without a better validation accuracy")
-    clip.add_argument("--lr-factor", dest="lr_factor", type=_positive_float, default=S, metavar="F", help="multiply the LR by F at the switch (two-stage: for the fine-tuning stage)")
-    clip.add_argument("--switch-bn-momentum", dest="switch_bn_momentum", type=_momentum, default=S, metavar="M", help="BN momentum from the switch on (two-stage: of the fine-tuned model)")
-    clip.add_argument("--pretrain-epochs", dest="pretrain_epochs", type=_positive_int, default=S, metavar="N", help="two-stage: epochs of float pretraining")
-
-    run = parser.add_argument_group("run")
-    if not study:
-        run.add_argument("--seed", type=_nonnegative_int, default=S, metavar="K", help="seed of initialisation and shuffling: one seed, one machine, identical histories")
-    run.add_argument("--nondeterministic", dest="deterministic", action="store_false", default=S, help="allow TensorFlow's nondeterministic (faster GPU) kernels: runs with one seed then differ slightly, and a resumed run no longer equals an uninterrupted one exactly")
-    if not study:  # train only: a multi-worker strategy is set up once per process, a study runs many
-        run.add_argument("--strategy", choices=distribute.STRATEGIES, default=S, help="tf.distribute strategy: default (one device), mirrored (local GPUs), multi-worker (cluster in TF_CONFIG), tpu; --batch-size is per replica and the learning rate is scaled by the replica count")
-    run.add_argument("--verbose", type=int, choices=(0, 1, 2), default=S, help="Keras output: 0 silent, 1 progress bar, 2 one line per epoch")
+            extra["type"] = _typed(Rule("int", minimum))
+        if group not in groups:
+            groups[group] = parser.add_argument_group(group)
+        groups[group].add_argument(flag, default=argparse.SUPPRESS, help=help_text, **extra)
 
 
 _MODEL_FLAGS = ("hidden_units", "width_multiplier", "weight_clip", "binarize_input")
@@ -133,6 +150,8 @@ def _recipe(base: Any, args: argparse.Namespace) -> Any:
     model_kwargs = {k: given.pop(k) for k in _MODEL_FLAGS if k in given}
     if model_kwargs.get("weight_clip") == "none":
         model_kwargs["weight_clip"] = None
+    if given.get("lr_scaling") == "none":
+        given["lr_scaling"] = None
     optimizer_kwargs = dict(given.pop("optimizer_kwargs", []))
     return base.override(model_kwargs=model_kwargs, optimizer_kwargs=optimizer_kwargs, **given)
 
@@ -159,10 +178,6 @@ def _study(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_unavailable(args: argparse.Namespace) -> int:
-    raise UsageError("export is not available in this installation (bnn_keras.export is missing)")
-
-
 def _add_export(subparsers: Any, wanted: bool) -> None:
     """Register `export`; import bnn_keras.export (heavy) only when it is the command."""
     parser = subparsers.add_parser(
@@ -170,23 +185,17 @@ def _add_export(subparsers: Any, wanted: bool) -> None:
         help="convert a trained model to TFLite / Larq Compute Engine (see 'bnn-keras export --help')",
         description="Convert a saved Keras model (e.g. best_model.keras) to TFLite / a Larq Compute Engine flatbuffer.",
     )
-    if not wanted:
-        parser.set_defaults(handler=_export_unavailable)
-        return
-    try:
+    if wanted:
         from bnn_keras import export
-    except ImportError:
-        export = None
-    if export is None or not hasattr(export, "add_export_arguments"):
-        parser.set_defaults(handler=_export_unavailable)
-        return
-    export.add_export_arguments(parser)
-    parser.set_defaults(handler=export.run_export)
+
+        export.add_export_arguments(parser)
+        parser.set_defaults(handler=export.run_export)
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The ``bnn-keras`` parser (`argv` only decides whether export's flags are loaded)."""
-    from bnn_keras import study, training
+    from bnn_keras import study
+    from bnn_keras.recipe import RECIPES, Rule
 
     parser = _Parser(
         prog=PROG,
@@ -196,7 +205,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers.required = True
 
-    recipes = sorted(training.RECIPES)
+    recipes = sorted(RECIPES)
     train = subparsers.add_parser(
         "train",
         help="train one recipe of the study",
@@ -222,7 +231,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     grid.add_argument("--recipe", choices=recipes, default="mnist_mlp", help="base recipe (default: mnist_mlp)")
     grid.add_argument("--quick", action="store_true", help=f"small enough for a laptop CPU in minutes: embedded data, 2x128 MLP (or 1/16-width VGG-10), 3 epochs, {study.QUICK_SEEDS} seeds")
     grid.add_argument("--tables", nargs="+", choices=list(study.TABLES), default=None, metavar="TABLE", help=f"tables to run (default: all): {', '.join(study.TABLES)}")
-    grid.add_argument("--seeds", type=_positive_int, default=None, metavar="N", help=f"seeds 0..N-1 per cell (default: 3, or {study.QUICK_SEEDS} with --quick)")
+    grid.add_argument("--seeds", type=_typed(Rule("int", 1)), default=None, metavar="N", help=f"seeds 0..N-1 per cell (default: 3, or {study.QUICK_SEEDS} with --quick)")
     grid.add_argument("--out", default="runs/study", metavar="DIR", help="study folder (default: runs/study)")
     _add_recipe_flags(grid, study=True)
     grid.set_defaults(handler=_study)
@@ -232,8 +241,16 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``bnn-keras`` with `argv` (default: sys.argv[1:]); return the exit status."""
+    """Run ``bnn-keras`` with `argv` (default: sys.argv[1:]); return the exit status.
+
+    Exit status: 0 done, 1 the run diverged, 2 bad input (one line, nothing written),
+    3 an internal error (one line; the traceback goes to a file it names), 130 Ctrl-C.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    from bnn_keras import TENSORFLOW_LOG as tensorflow_log
+
+    if _explicit_verbose(argv) == "2":  # the user asked for everything
+        sys.stderr.write(tensorflow_log)
     from bnn_keras.data import DataUnavailableError
     from bnn_keras.training import TrainingDivergedError
 
@@ -242,9 +259,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except SystemExit as exit_:  # --help, or argparse's own exit
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
-    except (UsageError, DataUnavailableError, ValueError) as error:
-        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
-        return 2
     except TrainingDivergedError as error:  # a failed run, not a usage mistake
         print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
         return 1
@@ -252,6 +266,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         resume = " (the same command continues after the last finished epoch)" if argv[:1] == ["train"] else ""
         print(f"\n{PROG}: interrupted{resume}", file=sys.stderr)
         return 130
+    except Exception as error:
+        if isinstance(error, (UsageError, DataUnavailableError)) or _bad_input(error):
+            print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+            return 2
+        return _internal_error(error, tensorflow_log)
+
+
+def _bad_input(error: BaseException) -> bool:
+    """A ValueError that bnn_keras raised itself (it checks input); one from deeper down is a bug.
+
+    bnn_keras words its ValueErrors for the user, and re-raises foreign ones it expects
+    (`raise ... from None`), so the frame that raised is ours exactly when it is input.
+    """
+    if not isinstance(error, ValueError) or error.__traceback__ is None:
+        return False
+    raised_in = traceback.extract_tb(error.__traceback__)[-1].filename
+    return Path(raised_in).resolve().is_relative_to(Path(__file__).resolve().parent)
+
+
+def _internal_error(error: BaseException, tensorflow_log: str) -> int:
+    """One line naming a file with the traceback (and TensorFlow's start-up log); exit status 3."""
+    descriptor, path = tempfile.mkstemp(prefix="bnn-keras-error-", suffix=".txt")
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        file.write("".join(traceback.format_exception(error)))
+        if tensorflow_log:
+            file.write("\nTensorFlow's start-up log:\n" + tensorflow_log)
+    print(
+        f"{PROG}: internal error ({type(error).__name__}: {_one_line(error)[:200]}); "
+        f"please report it with the traceback in {path}",
+        file=sys.stderr,
+    )
+    return 3
+
+
+def _explicit_verbose(argv: Sequence[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == "--verbose" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--verbose="):
+            return arg.partition("=")[2]
+    return None
 
 
 def _one_line(error: BaseException) -> str:

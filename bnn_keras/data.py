@@ -158,30 +158,9 @@ def load(
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
 
-    if name == "embedded":
-        (x_train, y_train), (x_test, y_test) = embedded_arrays()
-        x_train, y_train, x_test, y_test = (a[:limit] for a in (x_train, y_train, x_test, y_test))
-        n_train, n_test = len(x_train), len(x_test)
-        n_fit = _fit_size(n_train, validation_fraction)
-        fit, validation, test = (
-            tf.data.Dataset.from_tensor_slices(arrays)
-            for arrays in (
-                (x_train[:n_fit], y_train[:n_fit]),
-                (x_train[n_fit:], y_train[n_fit:]),
-                (x_test, y_test),
-            )
-        )
-        input_shape, num_classes = x_train.shape[1:], 10
-    else:
-        builder = _prepared_builder(name, data_dir, raw_dir)
-        n_train = _split_size(builder, "train", limit)
-        n_test = _split_size(builder, "test", limit)
-        n_fit = _fit_size(n_train, validation_fraction)
-        fit = _read(builder, "train", 0, n_fit)
-        validation = _read(builder, "train", n_fit, n_train)
-        test = _read(builder, "test", 0, n_test)
-        input_shape = builder.info.features["image"].shape
-        num_classes = builder.info.features["label"].num_classes
+    (fit, validation, test), input_shape, num_classes, (n_train, n_fit, n_test) = _sources(
+        name, data_dir, raw_dir, validation_fraction, limit
+    )
 
     def batches(ds: tf.data.Dataset, shuffle: bool) -> tf.data.Dataset:
         ds = ds.cache()  # decoded uint8 images: decode once, reuse every epoch
@@ -205,6 +184,33 @@ def load(
         test_size=n_test,
         name=name,
     )
+
+
+def _sources(
+    name: str, data_dir: str | None, raw_dir: str | None, validation_fraction: float, limit: int | None
+) -> tuple[tuple[tf.data.Dataset, ...], tuple[int, ...], int, tuple[int, int, int]]:
+    """The unbatched fit / validation / test sets, the input shape, class count and sizes."""
+    if name == "embedded":
+        (x_train, y_train), (x_test, y_test) = embedded_arrays()
+        x_train, y_train, x_test, y_test = (a[:limit] for a in (x_train, y_train, x_test, y_test))
+        n_train, n_test = len(x_train), len(x_test)
+        n_fit = _fit_size(n_train, validation_fraction)
+        sets = tuple(
+            tf.data.Dataset.from_tensor_slices(arrays)
+            for arrays in (
+                (x_train[:n_fit], y_train[:n_fit]),
+                (x_train[n_fit:], y_train[n_fit:]),
+                (x_test, y_test),
+            )
+        )
+        return sets, x_train.shape[1:], 10, (n_train, n_fit, n_test)
+    builder = _prepared_builder(name, data_dir, raw_dir)
+    n_train = _split_size(builder, "train", limit)
+    n_test = _split_size(builder, "test", limit)
+    n_fit = _fit_size(n_train, validation_fraction)
+    sets = (_read(builder, "train", 0, n_fit), _read(builder, "train", n_fit, n_train), _read(builder, "test", 0, n_test))
+    shape, classes = builder.info.features["image"].shape, builder.info.features["label"].num_classes
+    return sets, shape, classes, (n_train, n_fit, n_test)
 
 
 def standardize(images: tf.Tensor) -> tf.Tensor:

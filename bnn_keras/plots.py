@@ -18,7 +18,6 @@ plots.plot_history(rows, "runs/x/curves.png", marks={"clipping on from epoch 51"
 from __future__ import annotations
 
 import os
-import tempfile
 import textwrap
 import warnings
 from pathlib import Path
@@ -29,27 +28,19 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from bnn_keras import files
+
 __all__ = ["plot_curves", "plot_history"]
 
 _SPLITS = (("", "train"), ("val_", "validation"), ("test_", "test"))
 
 
 def _save(figure: Figure, path: str | os.PathLike) -> None:
-    """Save a figure as PNG through a temporary file renamed into place."""
+    """Save a figure as PNG atomically (`bnn_keras.files.write_atomically`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it 0600; give it a normal file's mode
-    try:
-        figure.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
+    files.write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=100))
 
 
 def _column(rows: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:

@@ -43,8 +43,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from bnn_keras import training
-from bnn_keras.training import Recipe
+from bnn_keras import files, run_folder, training
+from bnn_keras.recipe import RECIPES, Recipe
 
 __all__ = [
     "OPTIMIZER_LR",
@@ -200,10 +200,10 @@ def quick(recipe: Recipe | None = None) -> Recipe:
     """A study base small enough for a 2-core CPU in minutes: embedded data, tiny net, 3 epochs.
 
     ```python
-    quick(training.RECIPES["mnist_mlp"])  # 2 x 128-unit MLP, 3 epochs, LR 1e-3 -> 1e-4
+    quick(RECIPES["mnist_mlp"])  # 2 x 128-unit MLP, 3 epochs, LR 1e-3 -> 1e-4
     ```
     """
-    recipe = recipe if recipe is not None else training.RECIPES["mnist_mlp"]
+    recipe = recipe if recipe is not None else RECIPES["mnist_mlp"]
     size = {"hidden_units": (128, 128)} if recipe.model == "mlp" else {"width_multiplier": 0.0625}
     return recipe.replace(
         name=f"{recipe.name}-quick",
@@ -250,19 +250,13 @@ def cell_recipes(
     return grid
 
 
-def _settings(recipe_dict: Mapping[str, Any]) -> str:
-    """What makes two runs the same run: the recipe without its name, folder and verbosity."""
-    ignored = {"name", "output_dir", "verbose"}
-    return json.dumps({k: v for k, v in recipe_dict.items() if k not in ignored}, sort_keys=True, default=str)
-
-
 def _read_summary(recipe: Recipe) -> dict[str, Any] | None:
     path = recipe.out / "summary.json"
     if not path.exists():
         return None
-    with open(path, encoding="utf-8") as file:
-        summary = json.load(file)
-    if _settings(summary.get("recipe", {})) != _settings(json.loads(json.dumps(recipe.to_dict()))):
+    summary = files.read_json(path, "use another output folder or delete it")
+    recorded = summary.get("recipe") if isinstance(summary, Mapping) else None
+    if not isinstance(recorded, Mapping) or not run_folder.same_settings(recorded, recipe):
         raise ValueError(
             f"{path} was trained with other settings than this study asks for: "
             "use another output folder or delete it"
@@ -272,10 +266,7 @@ def _read_summary(recipe: Recipe) -> dict[str, Any] | None:
 
 def _read_history(recipe: Recipe) -> list[dict[str, Any]]:
     path = recipe.out / "history.json"
-    if not path.exists():
-        return []
-    with open(path, encoding="utf-8") as file:
-        return json.load(file)
+    return files.read_json(path, "use another output folder or delete it") if path.exists() else []
 
 
 def run_study(
@@ -312,15 +303,15 @@ def run_study(
     counts = {"trained": 0, "skipped": 0, "copied": 0}
     markdown = render_tables(results, base, seed_list, chosen)
     for index, (key, cell, seed, recipe) in enumerate(grid, start=1):
-        settings = _settings(json.loads(json.dumps(recipe.to_dict())))
+        settings = json.dumps(run_folder.settings(recipe.to_dict()), sort_keys=True)
         summary = _read_summary(recipe)
         if summary is not None:
             action = "skipped"
         elif settings in done:
             shutil.copytree(done[settings], recipe.out, dirs_exist_ok=True)
-            summary = json.loads((recipe.out / "summary.json").read_text(encoding="utf-8"))
+            summary = files.read_json(recipe.out / "summary.json")
             summary["recipe"] = recipe.to_dict()
-            training.write_json(recipe.out / "summary.json", summary)
+            files.write_json(recipe.out / "summary.json", summary)
             action = "copied"
         else:
             summary = training.run(recipe)
@@ -339,7 +330,7 @@ def run_study(
                 flush=True,
             )
         markdown = render_tables(results, base, seed_list, chosen)
-        training.write_text(out / "tables.md", markdown)
+        files.write_text(out / "tables.md", markdown)
 
     from bnn_keras import plots
 

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import bnn_keras as bk
-from bnn_keras import cli, models, training
+from bnn_keras import callbacks, cli, models, training
 
 TINY = ["train", "mnist_mlp", "--limit", "300", "--hidden-units", "8", "--epochs", "2", "--batch-size", "50", "--verbose", "0"]
 
@@ -141,7 +141,7 @@ def test_nan_mid_run_keeps_the_last_good_epoch_and_the_same_command_resumes_from
             gamma = self.model.get_layer("bn_1").gamma
             gamma.assign(tf.fill(gamma.shape, np.nan))
 
-    monkeypatch.setattr(training._StopOnNonFinite, "on_train_batch_begin", poison, raising=False)
+    monkeypatch.setattr(callbacks.StopOnNonFinite, "on_train_batch_begin", poison, raising=False)
     err = _one_line_error(capsys, cli.main(argv), "the training loss became nan in epoch 2, batch 3 of 6: training stopped;", 1)
     assert "keeps the backup of the 1 finished epoch(s) and the best model so far (best_model.keras)" in err
     assert {"run.json", "backup", "history.json", "history.csv", "best_model.keras"} == set(os.listdir(out))

@@ -1,10 +1,16 @@
 """bnn-keras CLI: flags reach the recipe, mistakes are one line with exit status 2, --help works."""
 
 import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 
 from bnn_keras import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize(
@@ -119,3 +125,57 @@ def test_study_quick_with_overrides_reaches_every_cell(tmp_path, monkeypatch, ca
     assert {r.seed for r in seen} == {0, 1}
     assert "| test error, this study (n=2) | 25.00 ± 0.00% |" in (out / "tables.md").read_text()
     assert "study: 14 trained, 0 already done, 2 copied" in capsys.readouterr().out
+
+
+def test_an_internal_value_error_is_reported_as_a_bug_not_as_bad_input(tmp_path, capsys, monkeypatch):
+    """A ValueError raised inside TensorFlow (not by bnn_keras' checks): exit 3, traceback in a file."""
+    import tensorflow as tf
+
+    from bnn_keras import training
+
+    monkeypatch.setattr(training, "run", lambda recipe, overwrite=False: tf.convert_to_tensor([2 ** 70]))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    assert cli.main(["train", "mnist_mlp", "--out", str(tmp_path / "o")]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bnn-keras: internal error (ValueError: ")
+    report = next(tmp_path.glob("bnn-keras-error-*.txt"))
+    assert str(report) in err
+    text = report.read_text()
+    assert "Traceback (most recent call last)" in text and "convert_to_tensor" in text
+
+
+def test_bad_input_raised_by_bnn_keras_is_still_exit_2(capsys, monkeypatch):
+    from bnn_keras import training
+
+    monkeypatch.setattr(training, "run", lambda recipe, overwrite=False: training.get_recipe("imagenet"))
+    assert cli.main(["train", "mnist_mlp"]) == 2
+    assert capsys.readouterr().err.startswith("bnn-keras: error: unknown recipe 'imagenet': expected one of ")
+
+
+# TensorFlow's C++ start-up lines: absl's pre-init notice, "I0000 00:00:..." style records.
+TF_NOISE = re.compile(r"absl::InitializeLog|^[IWE]\d{4} \d\d:\d\d:\d\d|cpu_feature_guard|oneDNN|rebuild TensorFlow", re.M)
+
+
+def _command(*argv, **env):
+    environment = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    environment.update(PYTHONPATH=REPO, **env)
+    return subprocess.run([sys.executable, "-m", "bnn_keras.cli", *argv], capture_output=True, text=True,
+                          env=environment, timeout=300, cwd=REPO)
+
+
+def test_the_command_line_shows_its_own_lines_not_tensorflows(tmp_path):
+    result = _command("train", "mnist_mlp", "--limit", "200", "--hidden-units", "8", "--epochs", "1",
+                      "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert TF_NOISE.findall(result.stdout + result.stderr) == []
+    assert "bnn-keras: best val accuracy" in result.stdout
+
+
+def test_verbose_2_shows_tensorflows_log_too(tmp_path):
+    result = _command("train", "mnist_mlp", "--limit", "200", "--hidden-units", "8", "--epochs", "1",
+                      "--verbose", "2", "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert TF_NOISE.search(result.stderr)

@@ -3,7 +3,7 @@
 Each check exports a tiny model that differs from a reference Keras model in one known
 way (a flipped kernel sign, a bias shifted by 0.01, a bias dropped, a swapped top class),
 computes the difference itself from the interpreter's outputs and Keras' `predict`, and
-checks that `export._verify` reports that difference and fails exactly when it should.
+checks that `export.check_flatbuffer` reports that difference and fails exactly when it should.
 Every model is converted once per module.
 """
 
@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 from bnn_keras import export
+from bnn_keras.export.verify import check_flatbuffer
 
 IN, OUT = 16, 8
 FLIPPED = (3, 5)  # (input, unit) of the one kernel weight whose sign the flipped model negates
@@ -92,7 +93,7 @@ def test_dropped_bias_fails_verification(binary):
     agreement = np.mean(np.argmax(expected, -1) == np.argmax(actual, -1))
     assert agreement < 0.99  # the bias decides the top class of some inputs
     with pytest.raises(export.ExportVerificationError) as error:
-        export._verify(reference, binary["no_bias"], "lce", x, "given", min_top1=0.99, max_abs_diff=1e-4)
+        check_flatbuffer(reference, binary["no_bias"], "lce", x, "given", min_top1=0.99, max_abs_diff=1e-4)
     diff = np.max(np.abs(binary["bias"]))
     assert f": top-1 agreement {100 * agreement:.1f}% < 99.0%; max |diff| {diff:.3g} > 0.0001 " in str(error.value)
 
@@ -105,8 +106,8 @@ def test_one_flipped_kernel_sign_is_measured(binary):
     assert diff == pytest.approx(2.0, abs=1e-5)
     assert np.max(np.abs(np.delete(expected - actual, FLIPPED[1], axis=1))) <= 1e-5
     with pytest.raises(export.ExportVerificationError, match=r"max \|diff\| 2 > 1\b"):
-        export._verify(reference, binary["flipped"], "lce", x, "given", min_top1=0.0, max_abs_diff=diff / 2)
-    v = export._verify(reference, binary["flipped"], "lce", x, "given", min_top1=0.0, max_abs_diff=2 * diff)
+        check_flatbuffer(reference, binary["flipped"], "lce", x, "given", min_top1=0.0, max_abs_diff=diff / 2)
+    v = check_flatbuffer(reference, binary["flipped"], "lce", x, "given", min_top1=0.0, max_abs_diff=2 * diff)
     assert v["max_abs_diff"] == pytest.approx(diff, abs=1e-6)
     assert v["top1_agreement_strict"] == pytest.approx(np.mean(np.argmax(expected, -1) == np.argmax(actual, -1)))
     assert v["num_inputs"] == len(x) and v["max_abs_diff_allowed"] == 2 * diff
@@ -118,9 +119,9 @@ def test_small_constant_shift_is_caught_only_by_max_abs_diff(binary):
     np.testing.assert_allclose(actual - expected, SHIFT, atol=1e-5)
     assert np.all(np.argmax(actual, -1) == np.argmax(expected, -1))  # top-1 cannot see it
     with pytest.raises(export.ExportVerificationError, match=r": max \|diff\| 0.01 > 0.001 ") as error:
-        export._verify(reference, binary["shifted"], "lce", x, "given", min_top1=0.99, max_abs_diff=1e-3)
+        check_flatbuffer(reference, binary["shifted"], "lce", x, "given", min_top1=0.99, max_abs_diff=1e-3)
     assert "top-1" not in str(error.value)
-    v = export._verify(reference, binary["shifted"], "lce", x, "given", min_top1=0.99, max_abs_diff=0.1)
+    v = check_flatbuffer(reference, binary["shifted"], "lce", x, "given", min_top1=0.99, max_abs_diff=0.1)
     assert v["max_abs_diff"] == pytest.approx(float(np.max(np.abs(expected - actual))), abs=1e-6)
     assert v["max_abs_diff"] == pytest.approx(SHIFT, abs=1e-5)
     assert v["top1_agreement"] == v["top1_agreement_strict"] == 1.0
@@ -145,9 +146,9 @@ def test_top1_ties_count_only_within_float_rounding(second_class_file, keras_bia
     x = np.random.default_rng(3).standard_normal((8, IN)).astype(np.float32)
     expected, actual = _outputs(model, second_class_file, "tflite", x)
     assert np.all(np.argmax(expected, -1) == 0) and np.all(np.argmax(actual, -1) == 1)
-    v = export._verify(model, second_class_file, "tflite", x, "given", min_top1=0.0, max_abs_diff=None)
+    v = check_flatbuffer(model, second_class_file, "tflite", x, "given", min_top1=0.0, max_abs_diff=None)
     assert v["top1_agreement_strict"] == 0.0
     assert v["top1_agreement"] == (1.0 if tie else 0.0)
     if not tie:
         with pytest.raises(export.ExportVerificationError, match=r"top-1 agreement 0.0% < 99.0%"):
-            export._verify(model, second_class_file, "tflite", x, "given", min_top1=0.99, max_abs_diff=None)
+            check_flatbuffer(model, second_class_file, "tflite", x, "given", min_top1=0.99, max_abs_diff=None)

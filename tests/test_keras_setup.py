@@ -4,8 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -24,14 +22,25 @@ def test_bnn_keras_first_binds_tf_keras():
     assert result.stdout.strip().split(".")[0] == "tf_keras"
 
 
-def test_installed_pth_makes_tensorflow_then_larq_work():
-    """After `pip install`, `import tensorflow as tf; import larq` needs no set-up."""
-    import site
-    pth = [d for d in site.getsitepackages() if os.path.exists(os.path.join(d, "bnn_keras_legacy_keras.pth"))]
-    if not pth:
-        pytest.skip("bnn-keras is not pip-installed in this interpreter (no .pth in site-packages)")
-    result = run("import tensorflow as tf; import larq as lq; import bnn_keras; "
-                 "print(tf.keras.layers.Dense.__module__, lq.layers.QuantDense.__name__)")
+def test_installing_bnn_keras_leaves_other_programs_on_keras_3():
+    """No start-up hook: a program that never imports bnn_keras keeps TensorFlow's own tf.keras."""
+    result = run("import tensorflow as tf; print(tf.keras.layers.Dense.__module__)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().split(".")[0] == "keras"  # Keras 3, not tf_keras
+
+
+def test_tensorflow_first_without_the_variable_is_a_one_line_error():
+    """TensorFlow imported first binds part of Keras 3: refuse in one line instead of Larq's AttributeError."""
+    result = run("import tensorflow as tf; import bnn_keras")
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("bnn_keras._keras_setup.Keras3LoadedError: ")
+    assert "tensorflow was imported before bnn_keras" in last and "TF_USE_LEGACY_KERAS=1" in last
+
+
+def test_tensorflow_first_with_the_variable_set_works():
+    result = run("import tensorflow as tf; import bnn_keras, larq as lq; "
+                 "print(tf.keras.layers.Dense.__module__, lq.layers.QuantDense.__name__)", TF_USE_LEGACY_KERAS="1")
     assert result.returncode == 0, result.stderr
     module, name = result.stdout.split()
     assert module.split(".")[0] == "tf_keras" and name == "QuantDense"

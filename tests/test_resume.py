@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from bnn_keras import cli, data, training
+from bnn_keras import cli, data, run_folder, training
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KILLED_RUN = os.path.join(HERE, "helpers", "killed_run.py")
@@ -207,11 +207,11 @@ def test_resumed_run_keeps_a_best_epoch_from_before_the_kill(early_best):
 @pytest.mark.parametrize("val, best", [([0.5, 0.8, 0.6, 0.7], 1), ([0.9, 0.5, 0.6], 0), ([0.5, 0.8, 0.8, 0.7], 1)])
 def test_best_keeper_resume_takes_the_best_finished_epoch_not_the_last(val, best):
     rows = [{"epoch": e, "val_accuracy": v, "test_accuracy": 0.1 * e} for e, v in enumerate(val)]
-    keeper = training._BestKeeper(None, None)
+    keeper = run_folder.BestKeeper(None, None)
     keeper.resume(rows)
     assert (keeper.best_epoch, keeper.best) == (best, val[best])
     assert keeper.best_logs == rows[best]
-    empty = training._BestKeeper(None, None)
+    empty = run_folder.BestKeeper(None, None)
     empty.resume([])
     assert empty.best_epoch is None
 

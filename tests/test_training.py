@@ -267,7 +267,7 @@ def test_set_clipping_parts_sets_each_switchable():
         ({"epochs": 2.5}, "epochs must be an integer >= 1, got 2.5"),
         ({"lr_start": 0.0}, "lr_start must be a number > 0, got 0.0"),
         ({"bn_momentum": 1.0}, "bn_momentum must be a number in [0, 1), got 1.0"),
-        ({"switch_bn_momentum": -0.1}, "switch_bn_momentum must be a number in [0, 1), got -0.1"),
+        ({"switch_bn_momentum": -0.1}, "switch_bn_momentum must be a number in [0, 1) or None, got -0.1"),
         ({"batch_size": "10"}, "batch_size must be an integer >= 1, got '10'"),
         ({"variant": "xnor"}, "unknown variant 'xnor': expected one of 'float', 'binaryconnect', 'binarynet'"),
         ({"schedule": "late"}, "unknown schedule 'late': expected one of 'clipped', 'vanilla', 'vanilla-then-clipped', 'two-stage'"),

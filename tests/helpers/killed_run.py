@@ -16,7 +16,7 @@ import sys
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
-from bnn_keras import cli, training  # noqa: E402
+from bnn_keras import callbacks, cli, run_folder  # noqa: E402
 
 
 def die() -> None:
@@ -28,33 +28,33 @@ def kill_at(point: str) -> None:
     kind, *numbers = point.split(":")
     at = [int(n) for n in numbers]
     if kind == "batch":
-        original_batch = training._StopOnNonFinite.on_train_batch_end
+        original_batch = callbacks.StopOnNonFinite.on_train_batch_end
 
         def on_train_batch_end(self, batch, logs=None):
             original_batch(self, batch, logs)
             if [self.epoch_offset + self._epoch, batch] == at:
                 die()
 
-        training._StopOnNonFinite.on_train_batch_end = on_train_batch_end
+        callbacks.StopOnNonFinite.on_train_batch_end = on_train_batch_end
     elif kind == "history":
-        original_history = training._HistoryWriter.on_epoch_end
+        original_history = callbacks.HistoryRows.on_epoch_end
 
         def on_epoch_end(self, epoch, logs=None):
             original_history(self, epoch, logs)
             if [self.epoch_offset + epoch] == at:
                 die()
 
-        training._HistoryWriter.on_epoch_end = on_epoch_end
+        callbacks.HistoryRows.on_epoch_end = on_epoch_end
     elif kind == "backup":
-        original_promote = training._PromoteBest.on_epoch_end
+        original_promote = run_folder.PromoteBest.on_epoch_end
 
         def on_epoch_end(self, epoch, logs=None):
-            with open(self.out / "history.json") as file:
+            with open(self.folder.out / "history.json") as file:
                 if [json.load(file)[-1]["epoch"]] == at:  # the row of the epoch just backed up
                     die()
             original_promote(self, epoch, logs)
 
-        training._PromoteBest.on_epoch_end = on_epoch_end
+        run_folder.PromoteBest.on_epoch_end = on_epoch_end
     else:
         raise SystemExit(f"unknown kill point {point!r}")
 

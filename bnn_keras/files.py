@@ -1,0 +1,121 @@
+"""Atomic file writes and the JSON / CSV helpers every output of bnn_keras goes through.
+
+Every file is written to a temporary file in its own folder (``.<name>-<random>.tmp``),
+flushed, given the mode an ordinary file gets under the process umask (0644 under umask
+022; `tempfile.mkstemp` alone would leave 0600), and renamed into place, so a reader
+sees the old file or the new one, never half of one.
+
+```python
+from bnn_keras import files
+files.write_json("runs/x/summary.json", {"best_epoch": 3, "loss": float("nan")})  # nan -> null
+files.read_json("runs/x/summary.json")
+```
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["TEMPORARY", "history_csv", "jsonable", "read_json", "write_atomically", "write_bytes", "write_json", "write_text"]
+
+TEMPORARY = re.compile(r"\..+-\w+\.tmp(\.\w+)?")
+"""The name of a temporary file `write_atomically` leaves behind when it is killed mid-write."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
+    """Call ``write(temporary_path)``, then rename the temporary file over `path`.
+
+    The temporary file sits in `path`'s folder and ends in `path`'s suffix (Keras picks
+    the format of ``model.save(temporary_path)`` from it); it is removed when `write` or
+    the rename fails.
+    """
+    path = Path(path)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}-", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(descriptor)
+    try:
+        os.chmod(temporary, 0o666 & ~_umask())
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    return path
+
+
+def write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
+    """Write `payload` to `path` atomically, synced to disk before the rename."""
+
+    def write(temporary: str) -> None:
+        with open(temporary, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    return write_atomically(path, write)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` (UTF-8) atomically."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def jsonable(value: Any) -> Any:
+    """`value` as plain JSON data: NumPy scalars to Python numbers, non-finite floats to None."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    return value
+
+
+def write_json(path: str | os.PathLike, value: Any) -> Path:
+    """Write `value` as indented JSON, atomically (non-finite floats become null)."""
+    return write_text(path, json.dumps(jsonable(value), indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path: str | os.PathLike, advice: str = "") -> Any:
+    """Read a JSON file; a missing or damaged one raises ValueError naming the file (and `advice`)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except (OSError, ValueError) as error:
+        reason = " ".join(str(error).split())
+        raise ValueError(
+            f"cannot read {os.fspath(path)!r} ({type(error).__name__}: {reason})" + (f": {advice}" if advice else "")
+        ) from None
+
+
+def history_csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Rows as CSV text; the columns are every key in order of first appearance."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(jsonable(list(rows)))
+    return buffer.getvalue()

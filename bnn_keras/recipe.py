@@ -1,0 +1,398 @@
+"""A training run's settings as plain data: the `Recipe`, its field rules, and the study's recipes.
+
+`FIELDS` holds one `Rule` per checked setting (type, range, choices). `Recipe` validates
+itself with it, and the command line builds its argparse types and choices from it, so a
+new value is added in one place (`bnn_keras.cli`). `MODEL_FLAGS` does the same for the
+builder arguments the command line exposes.
+
+```python
+from bnn_keras.recipe import RECIPES, Recipe
+recipe = RECIPES["mnist_mlp"].override(epochs=5, model_kwargs={"hidden_units": (256, 256)})
+Recipe(epochs=-1)   # ValueError: epochs must be an integer >= 1, got -1
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from bnn_keras import distribute as bk_distribute
+from bnn_keras import models as bk_models
+from bnn_keras import optimizers as bk_optimizers
+
+__all__ = [
+    "CLIPPINGS",
+    "FIELDS",
+    "LOSSES",
+    "LR_SCALINGS",
+    "LR_SCHEDULES",
+    "MODEL_FLAGS",
+    "RECIPES",
+    "Recipe",
+    "Rule",
+    "SCHEDULES",
+    "get_recipe",
+]
+
+SCHEDULES: tuple[str, ...] = ("clipped", "vanilla", "vanilla-then-clipped", "two-stage")
+"""Clipping schedules: clipped throughout, never, switched on mid-run, or after float pretraining."""
+
+CLIPPINGS: tuple[str, ...] = ("both", "gradients", "weights", "none")
+"""What the clipped phase turns on: clipped STE and weight clipping, one of them, or nothing."""
+
+LOSSES: tuple[str, ...] = ("squared_hinge", "crossentropy")
+"""Losses: squared hinge on +-1 targets (the study) or softmax cross-entropy."""
+
+LR_SCHEDULES: tuple[str, ...] = ("exponential", "constant")
+"""Learning-rate schedules: per-epoch exponential decay lr_start -> lr_end, or constant."""
+
+LR_SCALINGS: tuple[str | None, ...] = (None, "update", "gradient")
+"""BinaryConnect's Glorot per-layer LR scaling: off, on the update, or on the gradient."""
+
+# Builder arguments that training.run sets itself (from recipe fields or the strategy);
+# the others come from model_kwargs.
+MODEL_ARGUMENTS = ("input_shape", "num_classes", "variant", "bn_momentum", "bn_epsilon", "clipped", "synchronized_bn")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """What one setting accepts: a kind, an optional range, optional choices, and None or not.
+
+    `check` raises the library's one-line ValueError; `parse` is the matching argparse type.
+    """
+
+    kind: str  # "int", "number", "choice", "text", "path", "bool"
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # the range excludes `low`
+    high_open: bool = False
+    choices: tuple[Any, ...] | Callable[[], tuple[Any, ...]] | None = None
+    optional: bool = False  # None is accepted
+
+    @property
+    def options(self) -> tuple[Any, ...]:
+        return self.choices() if callable(self.choices) else tuple(self.choices or ())
+
+    @property
+    def expected(self) -> str:
+        """The accepted values in words, as error messages say them."""
+        kinds = {"int": "an integer", "number": "a number", "text": "a non-empty string", "path": "a path",
+                 "bool": "True or False"}
+        words = kinds.get(self.kind, "")
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            words += f" in {left}{self.low:g}, {self.high:g}{right}"
+        elif self.low is not None:
+            words += f" {'>' if self.low_open else '>='} {self.low:g}"
+        return words + (" or None" if self.optional else "")
+
+    def _in_range(self, value: float) -> bool:
+        if self.kind == "number" and not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def check(self, field: str, value: Any) -> None:
+        """Raise ValueError (one line: field, expected, given) unless `value` is accepted."""
+        if value is None and self.optional:
+            return
+        if self.kind == "choice":
+            if value not in self.options:
+                names = ", ".join("None" if c is None else repr(c) for c in self.options)
+                raise ValueError(f"unknown {field} {value!r}: expected one of {names}")
+            return
+        valid = {
+            "int": lambda v: _is_int(v) and self._in_range(v),
+            "number": lambda v: _is_number(v) and self._in_range(float(v)),
+            "text": lambda v: isinstance(v, str) and bool(v),
+            "path": lambda v: isinstance(v, (str, os.PathLike)),
+            "bool": lambda v: isinstance(v, bool),
+        }[self.kind]
+        if not valid(value):
+            raise ValueError(f"{field} must be {self.expected}, got {value!r}")
+
+    def parse(self, text: str) -> Any:
+        """Command-line text to a value (an argparse ``type``); ArgumentTypeError when not accepted."""
+        import argparse
+
+        expected = self.expected.replace(" or None", "")
+        try:
+            value = {"int": int, "number": float}[self.kind](text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not self._in_range(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+
+_NAME = Rule("text")
+_PATH = Rule("path", optional=True)
+_MOMENTUM = Rule("number", 0, 1, high_open=True)
+_POSITIVE = Rule("number", 0, low_open=True)
+
+FIELDS: dict[str, Rule] = {
+    "name": _NAME,
+    "dataset": _NAME,
+    "data_dir": _PATH,
+    "raw_dir": _PATH,
+    "limit": Rule("int", 1, optional=True),
+    "validation_fraction": Rule("number", 0, 1, low_open=True, high_open=True),
+    "model": Rule("choice", choices=lambda: bk_models.NAMES),
+    "variant": Rule("choice", choices=bk_models.VARIANTS),
+    "bn_momentum": _MOMENTUM,
+    "bn_epsilon": _POSITIVE,
+    "loss": Rule("choice", choices=LOSSES),
+    "optimizer": Rule("choice", choices=lambda: bk_optimizers.NAMES),
+    "lr_start": _POSITIVE,
+    "lr_end": Rule("number", 0, low_open=True, optional=True),
+    "lr_schedule": Rule("choice", choices=LR_SCHEDULES),
+    "lr_scaling": Rule("choice", choices=LR_SCALINGS),
+    "epochs": Rule("int", 1),
+    "batch_size": Rule("int", 1),
+    "schedule": Rule("choice", choices=SCHEDULES),
+    "clipping": Rule("choice", choices=CLIPPINGS),
+    "switch_epoch": Rule("int", 0, optional=True),
+    "patience": Rule("int", 1, optional=True),
+    "lr_factor": _POSITIVE,
+    "switch_bn_momentum": Rule("number", 0, 1, high_open=True, optional=True),
+    "pretrain_epochs": Rule("int", 0),
+    "seed": Rule("int", 0),
+    "deterministic": Rule("bool"),
+    "strategy": Rule("choice", choices=bk_distribute.STRATEGIES),
+    "verbose": Rule("choice", choices=(0, 1, 2)),
+    "output_dir": _PATH,
+}
+"""The rule of every checked `Recipe` field (the command line's types and choices come from here)."""
+
+MODEL_FLAGS: dict[str, Rule] = {
+    "hidden_units": Rule("int", 1),
+    "width_multiplier": _POSITIVE,
+    "weight_clip": Rule("choice", choices=bk_models.WEIGHT_CLIPS),
+}
+"""Rules of the model-builder arguments the command line sets (they go into ``model_kwargs``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Every setting of one training run, as plain data (validated on creation; hashable).
+
+    Defaults are the study's MNIST MLP settings on the embedded Fashion-MNIST subset.
+    `replace` returns a validated copy with some fields changed.
+
+    ```python
+    recipe = Recipe(epochs=3, model_kwargs={"hidden_units": (128, 128)}, output_dir="runs/x")
+    recipe.replace(schedule="vanilla-then-clipped", switch_epoch=2, lr_factor=0.1)
+    Recipe(epochs=-1)  # ValueError: epochs must be an integer >= 1, got -1
+    ```
+    """
+
+    name: str = "custom"
+    # data
+    dataset: str = "embedded"
+    data_dir: str | None = None
+    raw_dir: str | None = None
+    limit: int | None = None
+    validation_fraction: float = 0.1
+    # model
+    model: str = "mlp"
+    model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    variant: str = "binaryconnect"
+    bn_momentum: float = 0.85
+    bn_epsilon: float = 1e-4
+    loss: str = "squared_hinge"
+    # optimiser
+    optimizer: str = "adam"
+    optimizer_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    lr_start: float = 1e-3
+    lr_end: float | None = 3e-6
+    lr_schedule: str = "exponential"
+    lr_scaling: str | None = None
+    epochs: int = 250
+    batch_size: int = 100
+    # clipping schedule
+    schedule: str = "clipped"
+    clipping: str = "both"
+    switch_epoch: int | None = None
+    patience: int | None = None
+    lr_factor: float = 1.0
+    switch_bn_momentum: float | None = None
+    pretrain_epochs: int = 0
+    # run
+    seed: int = 0
+    deterministic: bool = True
+    strategy: str = "default"
+    output_dir: str | None = None
+    verbose: int = 2
+
+    def __post_init__(self) -> None:
+        for field in ("name", "dataset", "model", "variant", "optimizer"):  # strings first: lower() below
+            _NAME.check(field, getattr(self, field))
+        for field in ("data_dir", "raw_dir", "output_dir"):
+            FIELDS[field].check(field, getattr(self, field))
+            if getattr(self, field) is not None:
+                object.__setattr__(self, field, os.fspath(getattr(self, field)))
+        for field, rule in FIELDS.items():
+            value = self.optimizer.lower() if field == "optimizer" else getattr(self, field)
+            if field == "model":
+                bk_models.get(value)  # its own message lists the models
+            elif field != "lr_end":
+                rule.check(field, value)
+        self._check_model_kwargs()
+        object.__setattr__(self, "optimizer_kwargs", _mapping("optimizer_kwargs", self.optimizer_kwargs))
+        self._check_combinations()
+
+    def _check_model_kwargs(self) -> None:
+        kwargs = _mapping("model_kwargs", self.model_kwargs)
+        accepted = set(inspect.signature(bk_models.get(self.model)).parameters) - set(MODEL_ARGUMENTS)
+        unknown = sorted(set(kwargs) - accepted)
+        if unknown:
+            raise ValueError(
+                f"model_kwargs {', '.join(unknown)} not accepted by model {self.model!r}: "
+                f"expected some of {', '.join(sorted(accepted))}"
+            )
+        object.__setattr__(self, "model_kwargs", {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
+
+    def _check_combinations(self) -> None:
+        """The rules that tie fields together."""
+        if self.lr_schedule == "exponential" and self.lr_end is None:
+            raise ValueError("lr_end must be a number > 0 for the exponential schedule, got None")
+        if self.lr_end is not None:
+            FIELDS["lr_end"].check("lr_end", self.lr_end)
+        if self.lr_scaling is not None and self.optimizer.lower() == "bop":
+            raise ValueError("lr_scaling does not apply to 'bop': it has no learning rate for binary kernels")
+        if self.variant == "float" and self.schedule != "vanilla":
+            raise ValueError(
+                f"variant 'float' has no binary layers to clip: schedule must be 'vanilla', got {self.schedule!r}"
+            )
+        if self.schedule == "vanilla-then-clipped":
+            if self.switch_epoch is None and self.patience is None:
+                raise ValueError("schedule 'vanilla-then-clipped' needs switch_epoch or patience, got neither")
+            if self.switch_epoch is not None and self.switch_epoch >= self.epochs:
+                raise ValueError(
+                    f"switch_epoch must be < epochs ({self.epochs}) to switch at all, got {self.switch_epoch}"
+                )
+        if self.schedule == "two-stage" and self.pretrain_epochs < 1:
+            raise ValueError(
+                f"pretrain_epochs must be an integer >= 1 for schedule 'two-stage', got {self.pretrain_epochs!r}"
+            )
+        if self.clipping != "both" and self.schedule not in ("clipped", "two-stage"):
+            raise ValueError(
+                f"clipping {self.clipping!r} needs schedule 'clipped' or 'two-stage' "
+                f"(it sets the clipped phase's parts), got schedule {self.schedule!r}"
+            )
+
+    def __hash__(self) -> int:  # the kwargs are dicts: hash the recipe's JSON form instead
+        return hash(json.dumps(self.to_dict(), sort_keys=True, default=str))
+
+    def replace(self, **changes: Any) -> "Recipe":
+        """A validated copy with `changes` applied (`dataclasses.replace`)."""
+        return dataclasses.replace(self, **changes)
+
+    def override(
+        self,
+        *,
+        model_kwargs: Mapping[str, Any] | None = None,
+        optimizer_kwargs: Mapping[str, Any] | None = None,
+        **changes: Any,
+    ) -> "Recipe":
+        """Like `replace`, but `model_kwargs` / `optimizer_kwargs` are merged into the current ones.
+
+        A change of ``model`` drops the current model_kwargs (they belong to the old model).
+
+        ```python
+        RECIPES["mnist_mlp"].override(epochs=5, model_kwargs={"weight_clip": "glorot"})
+        ```
+        """
+        current = {} if changes.get("model", self.model) != self.model else dict(self.model_kwargs)
+        return self.replace(
+            model_kwargs={**current, **(model_kwargs or {})},
+            optimizer_kwargs={**self.optimizer_kwargs, **(optimizer_kwargs or {})},
+            **changes,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as JSON-ready plain data."""
+        out = dataclasses.asdict(self)
+        out["model_kwargs"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.model_kwargs.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "Recipe":
+        """Inverse of `to_dict` (unknown keys raise ValueError)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"unknown recipe field(s) {', '.join(unknown)}")
+        return cls(**values)
+
+    @property
+    def out(self) -> Path:
+        """Where `run` writes: `output_dir`, or ``runs/<name>``."""
+        return Path(self.output_dir if self.output_dir is not None else os.path.join("runs", self.name))
+
+
+def _mapping(field: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{field} must be a mapping, got {value!r}")
+    return dict(value)
+
+
+RECIPES: dict[str, Recipe] = {
+    # The study's MNIST MLP; on the embedded Fashion-MNIST subset unless --dataset says otherwise.
+    "mnist_mlp": Recipe(
+        name="mnist_mlp",
+        dataset="embedded",
+        model="mlp",
+        model_kwargs={"hidden_units": (2048, 2048, 2048)},
+        variant="binaryconnect",
+        bn_momentum=0.85,
+        loss="squared_hinge",
+        optimizer="adam",
+        lr_start=1e-3,
+        lr_end=3e-6,
+        epochs=250,
+        batch_size=100,
+        schedule="clipped",
+    ),
+    # The study's CIFAR-10 VGG-10 (per-image standardised, not the GCN+ZCA set it used).
+    "cifar10_vgg10": Recipe(
+        name="cifar10_vgg10",
+        dataset="cifar10",
+        model="vgg10",
+        model_kwargs={"width_multiplier": 1.0},
+        variant="binaryconnect",
+        bn_momentum=0.9,
+        loss="squared_hinge",
+        optimizer="adam",
+        lr_start=3e-3,
+        lr_end=2e-6,
+        epochs=500,
+        batch_size=50,
+        schedule="clipped",
+    ),
+}
+"""The study's experiments by name (``bnn-keras train NAME``); `recipes/*.py` are thin scripts over these."""
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe called `name` (a key of `RECIPES`)."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}: expected one of {', '.join(sorted(RECIPES))}")
+    return RECIPES[name]

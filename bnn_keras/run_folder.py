@@ -1,0 +1,291 @@
+"""A training run's output folder: its state, the one definition of "same run", backups, best model.
+
+A folder is *fresh* (nothing of a run in it), holds an unfinished run (*resume*: ``run.json``
+and ``backup/`` are there, ``summary.json`` is not), a *finished* run (``summary.json``), or
+a run of other settings (*conflict*, `RunConflictError`, unless overwritten). `same_settings`
+is the definition of "the same run" that `bnn_keras.training.run` and `bnn_keras.study`
+both use.
+
+The best model is written in two steps so that it never holds an epoch a restart redoes:
+each new best is saved as ``.pending-best_model-epoch<E>.keras``, and `promote_best`
+renames the newest pending file of the finished epochs to ``best_model.keras`` once that
+epoch's backup exists.
+
+```python
+folder = RunFolder("runs/x")
+folder.state(recipe, overwrite=False)   # "fresh", "overwrite", "resume" or "finished"
+```
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import tensorflow as tf
+
+from bnn_keras import callbacks as bk_callbacks
+from bnn_keras import files
+from bnn_keras.recipe import Recipe
+
+__all__ = ["RESULTS", "RunConflictError", "RunFolder", "same_settings", "settings"]
+
+BACKUP = "backup"
+RUN_FILE = "run.json"
+STAGE_FILE = "stage.json"
+RESULTS = ("summary.json", "history.json", "history.csv", "best_model.keras", "curves.png")
+"""What a finished run leaves in its folder."""
+_COSMETIC_FIELDS = ("name", "output_dir", "verbose")
+_PENDING_BEST = re.compile(r"\.pending-best_model-epoch(\d+)\.keras")
+_ADVICE = "pass --overwrite (overwrite=True) to start afresh"
+
+
+class RunConflictError(ValueError):
+    """The output folder holds a run of other (or unknown) settings; `run(overwrite=True)` replaces it."""
+
+
+def settings(recipe_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """What makes two runs the same run: the recipe without name, folder and verbosity.
+
+    A recorded recipe is read back through `Recipe.from_dict` first (defaults filled in,
+    lists and tuples alike), so both sides are compared in the same normal form.
+    """
+    plain = json.loads(json.dumps(files.jsonable(dict(recipe_dict))))
+    with contextlib.suppress(TypeError, ValueError):
+        plain = json.loads(json.dumps(Recipe.from_dict(plain).to_dict()))
+    return {k: v for k, v in plain.items() if k not in _COSMETIC_FIELDS}
+
+
+def same_settings(recorded: Mapping[str, Any], recipe: Recipe) -> bool:
+    """Whether a recipe recorded in a folder (run.json / summary.json) is the same run as `recipe`."""
+    return settings(recorded) == settings(recipe.to_dict())
+
+
+class RunFolder:
+    """The files of one run's output folder (the chief's view; other workers only read it)."""
+
+    def __init__(self, out: str | os.PathLike):
+        self.out = Path(out)
+        self.backup = self.out / BACKUP
+
+    # ----------------------------------------------------------------------- state
+
+    def read_json(self, name: str) -> Any:
+        return files.read_json(self.out / name, _ADVICE)
+
+    def recorded_recipe(self) -> dict[str, Any] | None:
+        """The settings of the run here: run.json's recipe, else summary.json's; None if neither."""
+        for name in (RUN_FILE, "summary.json"):
+            if (self.out / name).exists():
+                content = self.read_json(name)
+                recorded = content.get("recipe") if isinstance(content, Mapping) else None
+                if isinstance(recorded, Mapping):
+                    return dict(recorded)
+        return None
+
+    def state(self, recipe: Recipe, overwrite: bool) -> str:
+        """What `run` finds here: "fresh", "overwrite", "resume" or "finished" (reads only).
+
+        Raises RunConflictError when the folder holds a run of other settings and not `overwrite`.
+        """
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"output folder {os.fspath(out)!r} is a file: expected a folder or a path that does not exist yet")
+        found = [name for name in (RUN_FILE, *RESULTS, STAGE_FILE, BACKUP) if (out / name).exists()]
+        if not found:
+            return "fresh"
+        if overwrite:
+            return "overwrite"
+        advice = "pass --overwrite (overwrite=True) to replace it, or choose another output folder"
+        recorded = self.recorded_recipe()
+        if recorded is None:
+            raise RunConflictError(
+                f"output folder {os.fspath(out)!r} holds {found[0]} of an earlier run but not its settings "
+                f"({RUN_FILE}): {advice}"
+            )
+        then, now = settings(recorded), settings(recipe.to_dict())
+        if then != now:
+            differ = [k for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+            shown = "; ".join(f"{k} {then.get(k)!r} there, {now.get(k)!r} now" for k in differ[:3])
+            more = f"; {len(differ) - 3} more" if len(differ) > 3 else ""
+            raise RunConflictError(f"output folder {os.fspath(out)!r} holds a run with other settings ({shown}{more}): {advice}")
+        return "finished" if (out / "summary.json").exists() else "resume"
+
+    # ----------------------------------------------------------------------- preparing and recording
+
+    def prepare(self, state: str) -> None:
+        """Create the folder; for "overwrite" first remove every file a run writes here."""
+        if state == "overwrite":
+            self.remove_state()
+            for name in RESULTS:
+                (self.out / name).unlink(missing_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.remove_temporaries()
+
+    def record_start(self, recipe: Recipe, state: str, done: int) -> list[int]:
+        """Write run.json (the recipe, and the epochs each restart resumed at); return the latter."""
+        resumed = []
+        if state == "resume" and (self.out / RUN_FILE).exists():
+            resumed = list(self.read_json(RUN_FILE).get("resumed_at_epochs", []))
+        if done:
+            resumed.append(done)
+        files.write_json(self.out / RUN_FILE, {"recipe": recipe.to_dict(), "resumed_at_epochs": resumed})
+        return resumed
+
+    def history(self, done: int) -> list[dict[str, Any]]:
+        """The history rows of the first `done` epochs (rows past them belong to an epoch being redone)."""
+        if not done:
+            return []
+        path = self.out / "history.json"
+        recorded = self.read_json("history.json") if path.exists() else []
+        if not isinstance(recorded, list) or len(recorded) < done:
+            count = len(recorded) if isinstance(recorded, list) else "no"
+            raise ValueError(f"{os.fspath(path)!r} holds {count} rows, the backup {done} finished epochs: {_ADVICE}")
+        return [dict(row) for row in recorded[:done]]
+
+    def write_history(self, rows: list[dict[str, Any]]) -> None:
+        files.write_json(self.out / "history.json", rows)
+        files.write_text(self.out / "history.csv", files.history_csv(rows))
+
+    def write_stage(self, info: Mapping[str, Any]) -> None:
+        files.write_json(self.out / STAGE_FILE, info)
+
+    def read_stage(self) -> dict[str, Any]:
+        return self.read_json(STAGE_FILE)
+
+    def finish(self, summary: Mapping[str, Any]) -> None:
+        """Write summary.json (its presence marks a finished run), then drop what only resuming needs."""
+        files.write_json(self.out / "summary.json", summary)
+        self.remove_state()
+
+    # ----------------------------------------------------------------------- backups
+
+    def stage_backup(self, stage: str) -> Path:
+        return self.backup / stage
+
+    def finished_epochs(self, stage: str) -> int:
+        """How many epochs the BackupAndRestore checkpoint of `stage` has finished (0 if none)."""
+        latest = tf.train.latest_checkpoint(os.fspath(self.stage_backup(stage) / "chief"))
+        if latest is None:
+            return 0
+        try:
+            epoch = tf.train.load_checkpoint(latest).get_tensor("ckpt_saved_epoch/.ATTRIBUTES/VARIABLE_VALUE")
+        except (tf.errors.OpError, ValueError, KeyError) as error:
+            raise ValueError(f"cannot read the backup {latest!r} ({type(error).__name__}): {_ADVICE}") from None
+        return int(epoch) + 1
+
+    def restore(self, model: tf.keras.Model, stage: str) -> None:
+        """Load the model weights of `stage`'s checkpoint (a stage that finished every epoch)."""
+        latest = tf.train.latest_checkpoint(os.fspath(self.stage_backup(stage) / "chief"))
+        tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+
+    # ----------------------------------------------------------------------- best model
+
+    def pending_best_path(self, epoch: int) -> Path:
+        return self.out / f".pending-best_model-epoch{epoch}.keras"
+
+    def promote_best(self, finished: int) -> None:
+        """Make the newest pending best model of the first `finished` epochs best_model.keras; drop the rest."""
+        pending = {}
+        for path in self.out.iterdir():
+            match = _PENDING_BEST.fullmatch(path.name)
+            if match:
+                pending[int(match.group(1))] = path
+        done = [epoch for epoch in pending if epoch < finished]
+        if done:
+            os.replace(pending.pop(max(done)), self.out / "best_model.keras")
+        for path in pending.values():  # older bests, or bests of an epoch that did not finish
+            path.unlink(missing_ok=True)
+
+    # ----------------------------------------------------------------------- clean-up
+
+    def remove_temporaries(self) -> None:
+        """Remove what an atomic write killed mid-way left behind."""
+        for path in self.out.iterdir():
+            if files.TEMPORARY.fullmatch(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
+
+    def remove_state(self) -> None:
+        """Remove what only an unfinished run needs: run.json, stage.json, backups, pending files."""
+        (self.out / RUN_FILE).unlink(missing_ok=True)
+        (self.out / STAGE_FILE).unlink(missing_ok=True)
+        shutil.rmtree(self.backup, ignore_errors=True)
+        self.promote_best(0)
+        self.remove_temporaries()
+
+    def remove_empty_backup(self, remove_out: bool) -> None:
+        """Remove ``backup/`` (and the folder if `remove_out`) as far as empty: a worker's leftovers."""
+        if self.backup.is_dir():
+            for path, _, _ in sorted(os.walk(self.backup), key=lambda entry: -len(entry[0])):
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
+        if remove_out:
+            with contextlib.suppress(OSError):
+                self.out.rmdir()
+
+
+def save_model(model: tf.keras.Model, weights: list[np.ndarray], path: Path) -> None:
+    """Save `model`'s architecture with `weights`, without optimiser state, atomically.
+
+    The copy has plain (unsynchronised) BatchNormalization and is built in a helper
+    thread: strategy scopes are thread-local, so under a multi-worker strategy only the
+    chief builds and saves it, without collective ops the other workers would have to join.
+    """
+
+    def clone_layer(layer: tf.keras.layers.Layer) -> tf.keras.layers.Layer:
+        config = layer.get_config()
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            config["synchronized"] = False
+        return layer.__class__.from_config(config)
+
+    def save() -> None:
+        uncompiled = tf.keras.models.clone_model(model, clone_function=clone_layer)
+        uncompiled.set_weights(weights)
+        files.write_atomically(path, lambda temporary: uncompiled.save(temporary))
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(save).result()
+
+
+class BestKeeper(bk_callbacks.BestValidation):
+    """`BestValidation` that survives a restart and saves each new best as a pending file.
+
+    Its state is rebuilt from the finished epochs' history rows (`resume`); each new best's
+    weights go to the folder's pending file for that epoch, which `PromoteBest` turns into
+    ``best_model.keras`` once the epoch's backup is written. With `folder` None (the
+    float stage of two-stage, a non-chief worker) nothing is saved.
+    """
+
+    def __init__(self, test_data: Any, folder: RunFolder | None):
+        super().__init__(test_data=test_data)
+        self.folder = folder
+
+    def resume(self, rows: list[Mapping[str, Any]]) -> None:
+        """Take the best of `rows` (this stage's finished epochs, in order) as the best so far."""
+        for epoch, row in enumerate(rows):
+            current = row.get(self.monitor)
+            if current is not None and (self.best_epoch is None or self._better(float(current), self.best, 0.0)):
+                self.best, self.best_epoch, self.best_logs = float(current), epoch, dict(row)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        super().on_epoch_end(epoch, logs)
+        if self.folder is not None and self.best_epoch == epoch:
+            save_model(self.model, self.best_weights, self.folder.pending_best_path(epoch))
+
+
+class PromoteBest(tf.keras.callbacks.Callback):
+    """After the epoch's backup (it comes after BackupAndRestore): its pending best model becomes best_model.keras."""
+
+    def __init__(self, folder: RunFolder):
+        super().__init__()
+        self.folder = folder
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.folder.promote_best(epoch + 1)
