@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -251,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if _explicit_verbose(argv) == "2":  # the user asked for everything
         sys.stderr.write(tensorflow_log)
+    else:  # TensorFlow's Python-side notices ("Compiled the loaded model ...", "Skipping full serialization ...")
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
     from bnn_keras.data import DataUnavailableError
     from bnn_keras.training import TrainingDivergedError
 

@@ -156,7 +156,9 @@ def test_bad_input_raised_by_bnn_keras_is_still_exit_2(capsys, monkeypatch):
 
 
 # TensorFlow's C++ start-up lines: absl's pre-init notice, "I0000 00:00:..." style records.
-TF_NOISE = re.compile(r"absl::InitializeLog|^[IWE]\d{4} \d\d:\d\d:\d\d|cpu_feature_guard|oneDNN|rebuild TensorFlow", re.M)
+TF_NOISE = re.compile(
+    r"absl::InitializeLog|^[IWE]\d{4} \d\d:\d\d:\d\d|cpu_feature_guard|oneDNN|rebuild TensorFlow|^WARNING:tensorflow", re.M
+)
 
 
 def _command(*argv, **env):
@@ -172,6 +174,9 @@ def test_the_command_line_shows_its_own_lines_not_tensorflows(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert TF_NOISE.findall(result.stdout + result.stderr) == []
     assert "bnn-keras: best val accuracy" in result.stdout
+    exported = _command("export", str(tmp_path / "run" / "best_model.keras"), "--out", str(tmp_path / "m.tflite"))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert TF_NOISE.findall(exported.stdout + exported.stderr) == [] and "wrote " in exported.stdout
 
 
 def test_verbose_2_shows_tensorflows_log_too(tmp_path):
