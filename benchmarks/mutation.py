@@ -28,8 +28,9 @@ import concurrent.futures
 import contextlib
 import copy
 import dataclasses
-import os
 import json
+import os
+import re
 import shutil
 import signal
 import subprocess
@@ -307,6 +308,7 @@ def serve(workdir: str) -> None:
             os.dup2(devnull, 2)
             os.chdir(workdir)
             sys.path.insert(0, workdir)
+            os.environ.update(request.get("env", {}))
             options = request.get("options", ["-x"])
             os._exit(int(pytest.main([*options, "-q", "-p", "no:cacheprovider", *request["tests"]])))
         rc = None
@@ -335,8 +337,10 @@ class _Server:
         if not json.loads(self.process.stdout.readline()).get("ready"):
             raise RuntimeError("mutation: the test server did not start")
 
-    def run_tests(self, tests: Sequence[str], timeout: float, options: Sequence[str] = ("-x",)) -> tuple[str, float]:
-        request = {"tests": list(tests), "timeout": timeout, "options": list(options)}
+    def run_tests(
+        self, tests: Sequence[str], timeout: float, options: Sequence[str] = ("-x",), env: Mapping[str, str] | None = None
+    ) -> tuple[str, float]:
+        request = {"tests": list(tests), "timeout": timeout, "options": list(options), "env": dict(env or {})}
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
         answer = json.loads(self.process.stdout.readline())
@@ -373,8 +377,8 @@ def covering_tests(server: _Server, target: Target) -> tuple[dict[int, set[str]]
     """
     data_file = server.workdir / f".coverage-{Path(target.module).stem}"
     options = ["--cov=bnn_keras", "--cov-context=test", "--cov-report=", f"--cov-config={os.devnull}"]
-    os.environ["COVERAGE_FILE"] = os.fspath(data_file)  # the server's children inherit it
-    outcome, seconds = server.run_tests(target.tests, timeout=7200, options=options)
+    environment = {"COVERAGE_FILE": os.fspath(data_file)}
+    outcome, seconds = server.run_tests(target.tests, timeout=7200, options=options, env=environment)
     if outcome != "survived":
         raise SystemExit(f"mutation: the tests of {target.module} fail without any mutant: fix them first")
     import coverage
@@ -387,6 +391,8 @@ def covering_tests(server: _Server, target: Target) -> tuple[dict[int, set[str]]
             for line, contexts in data.contexts_by_lineno(measured).items():
                 tests = {c.rsplit("|", 1)[0] for c in contexts if c}
                 lines[line] = {t for t in tests if "::" in t}
+    if not lines:
+        raise SystemExit(f"mutation: coverage recorded no line of {target.module}: is the copy the code under test?")
     return lines, seconds
 
 
@@ -448,7 +454,7 @@ def report(outcomes: dict[Mutant, str], command: str, minutes: float) -> str:
     lines = [
         "# Mutation testing",
         "",
-        f"`{command}` ({minutes:.0f} min). Killed: the covering tests failed or timed out.",
+        f"`{command}`" + (f" ({minutes:.0f} min)" if minutes == minutes else "") + ". Killed: the covering tests failed or timed out.",
         "Equivalent: survivors no input can tell from the original, explained in",
         "`benchmarks/mutation_equivalent.txt`. Score = killed / (mutants - equivalent).",
         "",
@@ -481,6 +487,28 @@ def report(outcomes: dict[Mutant, str], command: str, minutes: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _report_from_log(log: Path, mutants: list[Mutant], args: argparse.Namespace) -> int:
+    """The report of the mutants a stopped run finished, read from the lines it printed."""
+    by_key = {(m.target, m.key): m for m in mutants}
+    outcomes: dict[Mutant, str] = {}
+    line = re.compile(r"\[\d+/(\d+)\] (\S+(?: \(pytest exit \d+\))?)\s+\d+ s\s+\d+ tests  (\S+):\d+  (.+)")
+    total = 0
+    for text in log.read_text(encoding="utf-8").splitlines():
+        match = line.fullmatch(text.strip())
+        if match:
+            total = int(match.group(1))
+            target = next((n for n, t in TARGETS.items() if t.module == match.group(3)), None)
+            mutant = by_key.get((target, match.group(4)))
+            if mutant is not None:
+                outcomes[mutant] = match.group(2)
+    command = f"python benchmarks/mutation.py --jobs {args.jobs}, stopped after {len(outcomes)} of {total} mutants"
+    text = report(outcomes, command, float("nan"))
+    print(text)
+    if not args.no_write:
+        RESULTS.write_text(text, encoding="utf-8")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", nargs="+", choices=sorted(TARGETS), help="targets to mutate (default: all)")
@@ -490,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--match", help="only mutants whose key contains this text")
     parser.add_argument("--guards", action="store_true", help="also mutate input-validation guards (an if that only raises)")
     parser.add_argument("--no-write", action="store_true", help=f"do not rewrite {RESULTS.relative_to(ROOT)}")
+    parser.add_argument("--from-log", metavar="LOG", help="write the report from a run's printed lines (a run stopped early)")
     parser.add_argument("--serve", metavar="WORKDIR", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
@@ -501,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
     mutants = [m for name in names for m in mutants_of(name, TARGETS[name], args.guards)]
     if args.match:
         mutants = [m for m in mutants if args.match in m.key]
+    if args.from_log:
+        return _report_from_log(Path(args.from_log), mutants, args)
     if args.list:
         for mutant in mutants:
             print(f"{mutant.target:<11} {mutant.path}:{mutant.start[0]}  {mutant.key}")
