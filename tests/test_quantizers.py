@@ -134,3 +134,22 @@ def test_bad_clip_value_is_a_clear_error(bad):
         SwitchableSteSign(clip_value=bad)
     with pytest.raises(ValueError, match="clip_value must be a positive number"):
         ClippedSteSign(clip_value=bad)
+
+
+@pytest.mark.parametrize("cls, name", [
+    (VanillaSteSign, "VanillaSteSign"), (ClippedSteSign, "ClippedSteSign"), (SwitchableSteSign, "SwitchableSteSign"),
+])
+def test_registered_for_keras_under_the_package_name(cls, name):
+    assert tf.keras.utils.get_registered_name(cls) == f"bnn_keras>{name}"
+    assert tf.keras.utils.get_registered_object(f"bnn_keras>{name}") is cls
+
+
+def test_vanilla_ste_ignores_a_clip_value_and_does_not_record_one():
+    """A config that carries clip_value (Larq's SteSign has one) still builds the identity STE."""
+    q = VanillaSteSign(clip_value=0.5)
+    assert q.clip_value is None and "clip_value" not in q.get_config()
+    x = tf.constant([-3.0, 0.75, 2.0])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = q(x)
+    np.testing.assert_array_equal(tape.gradient(y, x).numpy(), [1.0, 1.0, 1.0])

@@ -2,6 +2,7 @@
 
 import larq as lq
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import bnn_keras
@@ -77,3 +78,15 @@ def test_switching_inside_one_fit_freezes_large_weights_without_retracing():
     assert moved[~large].all()
     # tf.function traces twice on its first call (variable creation); none after the switch.
     assert recorder.traces[1] == recorder.traces[0]
+
+
+@pytest.mark.parametrize("make", [
+    lambda on: SwitchableSteSign(clipped=on), lambda on: SwitchableWeightClip(enabled=on),
+])
+def test_the_flag_variable_holds_exactly_0_or_1(make):
+    """The documented encoding (1.0 = clipping on), at construction and after every flip."""
+    for on in (False, True):
+        switchable = make(on)
+        assert switchable.switch_variable.numpy() == (1.0 if on else 0.0)
+        switchable.set_clipping_enabled(not on)
+        assert switchable.switch_variable.numpy() == (0.0 if on else 1.0)
