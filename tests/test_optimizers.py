@@ -506,3 +506,22 @@ def test_wrongly_typed_hyperparameters_fail_at_get_in_one_line(name, hyperparame
     with pytest.raises(ValueError) as error:
         get(name, **hyperparameters)
     assert str(error.value) == message
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 3])
+def test_exponential_decay_reaches_end_in_the_last_epoch_for_short_runs(epochs):
+    """start in the first epoch, end in the last (1 epoch: start throughout), per-epoch steps in between."""
+    from bnn_keras.optimizers import ExponentialDecayPerEpoch
+
+    schedule = ExponentialDecayPerEpoch(1e-2, 1e-4, epochs=epochs, steps_per_epoch=3)
+    expected = [1e-2] if epochs == 1 else list(np.geomspace(1e-2, 1e-4, epochs))
+    got = [float(schedule(epoch * 3 + 1)) for epoch in range(epochs)]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)  # float32 learning rates
+
+
+@pytest.mark.parametrize("boundaries", [[2, 2], [3, 2, 5], [-1, 2]])
+def test_piecewise_boundaries_must_strictly_increase_from_zero(boundaries):
+    from bnn_keras.optimizers import PiecewiseConstantPerEpoch
+
+    with pytest.raises(ValueError, match=r"boundaries_epochs must be increasing and >= 0"):
+        PiecewiseConstantPerEpoch(boundaries, [1.0] * (len(boundaries) + 1), steps_per_epoch=3)
