@@ -44,14 +44,14 @@ class _Parser(argparse.ArgumentParser):
 # --------------------------------------------------------------------------- value types
 
 
-def _typed(rule: Any, expected: str | None = None) -> Callable[[str], Any]:
+def _typed(rule: Any) -> Callable[[str], Any]:
     """An argparse ``type`` from a field rule of `bnn_keras.recipe` (named for argparse's messages)."""
     parse = rule.parse
 
     def typed(text: str) -> Any:
         return parse(text)
 
-    typed.__name__ = expected or rule.expected.replace(" or None", "")
+    typed.__name__ = rule.expected.replace(" or None", "")
     return typed
 
 
