@@ -99,7 +99,7 @@ TARGETS: dict[str, Target] = {
     "export_verify": Target(
         "bnn_keras/export/verify.py",
         ("_agreement", "_failures", "check_flatbuffer"),
-        ("tests/test_export_verification.py", "tests/test_export.py"),
+        ("tests/test_export_agreement.py", "tests/test_export_verification.py", "tests/test_export.py"),
     ),
 }
 
@@ -370,17 +370,37 @@ def read_equivalent() -> dict[str, str]:
     return reasons
 
 
-def covering_tests(server: _Server, target: Target) -> tuple[dict[int, set[str]], float]:
+def _durations(junit_xml: Path) -> dict[str, float]:
+    """Test id -> seconds, from a pytest JUnit XML report."""
+    import xml.etree.ElementTree as ElementTree
+
+    durations = {}
+    for case in ElementTree.parse(junit_xml).iter("testcase"):
+        module, _, _ = case.get("classname", "").rpartition(".")  # tests.test_x[.Class]
+        path = case.get("classname", "").replace(".", "/") + ".py"
+        if case.get("classname", "").count(".") > 1:  # a test class: tests/test_x.py::Class::name
+            path = module.replace(".", "/") + ".py::" + case.get("classname").rpartition(".")[2]
+        durations[f"{path}::{case.get('name')}"] = float(case.get("time", 0.0))
+    return durations
+
+
+def covering_tests(server: _Server, target: Target) -> tuple[dict[int, list[str]], dict[str, float], float]:
     """Run `target`'s tests once under coverage: line of its module -> the tests that run it.
 
-    Lines run only in a subprocess (the CLI tests) have no entry; their mutants run every test.
+    The tests of a line come fastest first, so that with ``-x`` a killed mutant costs its
+    quickest failing test. Lines run only in a subprocess (the CLI tests) have no entry;
+    their mutants run every test.
     """
     data_file = server.workdir / f".coverage-{Path(target.module).stem}"
-    options = ["--cov=bnn_keras", "--cov-context=test", "--cov-report=", f"--cov-config={os.devnull}"]
+    junit = server.workdir / f".durations-{Path(target.module).stem}.xml"
+    options = [
+        "--cov=bnn_keras", "--cov-context=test", "--cov-report=", f"--cov-config={os.devnull}", f"--junitxml={junit}",
+    ]
     environment = {"COVERAGE_FILE": os.fspath(data_file)}
     outcome, seconds = server.run_tests(target.tests, timeout=7200, options=options, env=environment)
     if outcome != "survived":
         raise SystemExit(f"mutation: the tests of {target.module} fail without any mutant: fix them first")
+    durations = _durations(junit)
     import coverage
 
     data = coverage.CoverageData(basename=os.fspath(data_file))
@@ -390,10 +410,10 @@ def covering_tests(server: _Server, target: Target) -> tuple[dict[int, set[str]]
         if Path(measured).resolve() == (server.workdir / target.module).resolve():
             for line, contexts in data.contexts_by_lineno(measured).items():
                 tests = {c.rsplit("|", 1)[0] for c in contexts if c}
-                lines[line] = {t for t in tests if "::" in t}
+                lines[line] = sorted((t for t in tests if "::" in t), key=lambda t: (durations.get(t, 1e9), t))
     if not lines:
         raise SystemExit(f"mutation: coverage recorded no line of {target.module}: is the copy the code under test?")
-    return lines, seconds
+    return lines, durations, seconds
 
 
 def run(mutants: list[Mutant], jobs: int, timeout_factor: float) -> dict[Mutant, str]:
@@ -403,10 +423,12 @@ def run(mutants: list[Mutant], jobs: int, timeout_factor: float) -> dict[Mutant,
     for j in range(jobs):
         _copy_repo(scratch / f"w{j}")
         servers.append(_Server(scratch / f"w{j}"))
-    coverage_of: dict[str, dict[int, set[str]]] = {}
+    coverage_of: dict[str, dict[int, list[str]]] = {}
+    durations: dict[str, float] = {}
     baseline: dict[str, float] = {}
     for name in sorted({m.target for m in mutants}):
-        coverage_of[name], baseline[name] = covering_tests(servers[0], TARGETS[name])
+        coverage_of[name], seconds_of, baseline[name] = covering_tests(servers[0], TARGETS[name])
+        durations.update(seconds_of)
         print(f"baseline {name}: {', '.join(TARGETS[name].tests)} pass in {baseline[name]:.0f} s (with coverage)", flush=True)
     free = list(servers)
     lock = threading.Lock()
@@ -416,7 +438,10 @@ def run(mutants: list[Mutant], jobs: int, timeout_factor: float) -> dict[Mutant,
     def one(mutant: Mutant) -> None:
         target = TARGETS[mutant.target]
         lines = range(mutant.start[0], mutant.end[0] + 1)
-        covering = sorted(set().union(*(coverage_of[mutant.target].get(line, set()) for line in lines)))
+        covering = sorted(
+            {t for line in lines for t in coverage_of[mutant.target].get(line, [])},
+            key=lambda t: (durations.get(t, 1e9), t),
+        )
         timeout = timeout_factor * baseline[mutant.target] + 60
         with lock:
             server = free.pop()

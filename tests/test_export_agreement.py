@@ -1,0 +1,82 @@
+"""`export.verify._agreement` on hand-made outputs: which outputs count as class scores, and
+how wide a top-1 tie is.
+
+Verification compares Keras' outputs with the interpreter's; top-1 agreement is measured
+only for outputs whose last axis holds more than one score, over every leading position,
+and a class within `_TIE_RTOL` (relative to the row's largest score, at least 1) of the
+top counts as a correct top-1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bnn_keras.export.verify import _TIE_RTOL, _agreement
+
+
+def test_one_score_per_example_has_no_top1_only_a_difference():
+    expected = np.array([0.1, 0.9, 0.4], np.float32)  # shape (batch,): one value each
+    actual = np.array([0.9, 0.1, 0.4], np.float32)
+    diffs, strict, tie_aware = _agreement([expected], [actual])
+    assert diffs == [pytest.approx(0.8)]
+    assert strict == tie_aware == []
+
+
+def test_a_single_column_has_no_top1():
+    expected = np.array([[0.1], [0.9]], np.float32)
+    diffs, strict, tie_aware = _agreement([expected], [expected + 0.25])
+    assert diffs == [pytest.approx(0.25)]
+    assert strict == tie_aware == []
+
+
+def test_two_classes_are_class_scores():
+    expected = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.2, 0.1]], np.float32)
+    actual = np.array([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.2, 0.1]], np.float32)
+    diffs, strict, tie_aware = _agreement([expected], [actual])
+    assert diffs == [1.0]
+    assert strict == tie_aware == [0.75]
+
+
+def test_top1_runs_over_every_leading_position_of_a_sequence_output():
+    # (batch 2, positions 1, classes 3): the middle axis has length 1, the last is the classes
+    expected = np.array([[[3.0, 1.0, 0.0]], [[0.0, 1.0, 3.0]]], np.float32)
+    actual = np.array([[[3.0, 1.0, 0.0]], [[3.0, 1.0, 0.0]]], np.float32)
+    _, strict, tie_aware = _agreement([expected], [actual])
+    assert strict == tie_aware == [0.5]
+
+
+@pytest.mark.parametrize(
+    "runner_up, tied",
+    [(1000.0 - 0.5 * 1000 * _TIE_RTOL, True), (1000.0 - 2 * 1000 * _TIE_RTOL, False)],
+    ids=["within-tolerance", "beyond-tolerance"],
+)
+def test_the_tie_tolerance_grows_with_large_scores(runner_up, tied):
+    # Keras' top score is 1000; the interpreter picks the runner-up. The tolerance is
+    # 1e-5 x 1000 = 0.01 here, not 1e-5: float32 rounding at 1000 is about 6e-5.
+    expected = np.array([[1000.0, runner_up, 0.0]], np.float32)
+    actual = np.array([[999.0, 1000.0, 0.0]], np.float32)
+    _, strict, tie_aware = _agreement([expected], [actual])
+    assert strict == [0.0]
+    assert tie_aware == [1.0 if tied else 0.0]
+
+
+def test_the_tie_tolerance_is_absolute_below_a_score_of_one():
+    # |scores| < 1: the tolerance is 1e-5 itself, so 0.5 vs 0.5 - 5e-6 ties and 0.5 - 1.5e-5 does not
+    actual = np.array([[0.0, 1.0]], np.float32)
+    assert _agreement([np.array([[0.5, 0.5 - 5e-6]], np.float32)], [actual])[2] == [1.0]
+    assert _agreement([np.array([[0.5, 0.5 - 1.5e-5]], np.float32)], [actual])[2] == [0.0]
+
+
+def test_each_output_is_measured_on_its_own():
+    scores = np.array([[2.0, 1.0], [1.0, 2.0]], np.float32)
+    value = np.array([[0.5], [0.5]], np.float32)
+    diffs, strict, tie_aware = _agreement([scores, value], [scores[:, ::-1], value - 0.125])
+    assert diffs == [1.0, 0.125]
+    assert strict == tie_aware == [0.0]
+
+
+def test_a_runner_up_exactly_at_the_tolerance_ties():
+    # float64 scores, so the boundary is exact: top 1.0, runner-up 1.0 - _TIE_RTOL
+    expected = np.array([[1.0, 1.0 - _TIE_RTOL]])
+    assert _agreement([expected], [np.array([[0.0, 1.0]])])[1:] == ([0.0], [1.0])
