@@ -204,6 +204,19 @@ def test_resumed_run_keeps_a_best_epoch_from_before_the_kill(early_best):
     assert accuracy == pytest.approx(rows[best]["test_accuracy"], abs=1e-6)
 
 
+@pytest.mark.parametrize("finished, promoted", [(3, 1), (2, 1), (1, 0), (0, None)])
+def test_promote_best_takes_the_newest_pending_best_of_the_finished_epochs_and_removes_the_rest(tmp_path, finished, promoted):
+    folder = run_folder.RunFolder(tmp_path)
+    for epoch in (0, 1, 5):  # bests found in epochs 0 and 1, and in epoch 5, which is not finished
+        folder.pending_best_path(epoch).write_text(f"epoch {epoch}")
+    folder.promote_best(finished)
+    if promoted is None:
+        assert os.listdir(tmp_path) == []
+    else:
+        assert os.listdir(tmp_path) == ["best_model.keras"]
+        assert (tmp_path / "best_model.keras").read_text() == f"epoch {promoted}"
+
+
 @pytest.mark.parametrize("val, best", [([0.5, 0.8, 0.6, 0.7], 1), ([0.9, 0.5, 0.6], 0), ([0.5, 0.8, 0.8, 0.7], 1)])
 def test_best_keeper_resume_takes_the_best_finished_epoch_not_the_last(val, best):
     rows = [{"epoch": e, "val_accuracy": v, "test_accuracy": 0.1 * e} for e, v in enumerate(val)]
