@@ -20,11 +20,12 @@ layer = lq.layers.QuantDense(
 from bnn_keras import _keras_setup
 
 _keras_setup.ensure_legacy_keras()
-# The command line keeps TensorFlow's start-up notices off the terminal (`bnn_keras.cli`).
-TENSORFLOW_LOG = _keras_setup.import_tensorflow(quiet=_keras_setup.started_as_command())
+with _keras_setup.quiet_interrupt():  # the command's Ctrl-C while importing: one line, exit 130
+    # The command line keeps TensorFlow's start-up notices off the terminal (`bnn_keras.cli`).
+    TENSORFLOW_LOG = _keras_setup.import_tensorflow(quiet=_keras_setup.started_as_command())
 
-from bnn_keras import constraints, quantizers  # noqa: E402
-from bnn_keras._switch import Switchable, find_switchables, set_clipping  # noqa: E402
+    from bnn_keras import constraints, quantizers  # noqa: E402
+    from bnn_keras._switch import Switchable, find_switchables, set_clipping  # noqa: E402
 
 __version__ = "0.1.0"
 

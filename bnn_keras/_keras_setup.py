@@ -8,8 +8,10 @@ environment changes: a program that never imports bnn_keras keeps Keras 3 as tf.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from typing import Iterator
 
 _FIX = (
     "set TF_USE_LEGACY_KERAS=1 in the environment before starting Python "
@@ -50,6 +52,21 @@ def ensure_legacy_keras() -> None:
 def started_as_command() -> bool:
     """Whether this process is the ``bnn-keras`` command (or ``python -m bnn_keras...``)."""
     return sys.argv[:1] == ["-m"] or os.path.basename(sys.argv[0] if sys.argv else "") == "bnn-keras"
+
+
+@contextlib.contextmanager
+def quiet_interrupt() -> Iterator[None]:
+    """As the command, Ctrl-C during the imports (TensorFlow's take seconds) ends in one line, exit 130.
+
+    Elsewhere (a program importing bnn_keras) the KeyboardInterrupt goes on as usual.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not started_as_command():
+            raise
+        sys.stderr.write("\nbnn-keras: interrupted while starting\n")
+        raise SystemExit(130) from None
 
 
 def import_tensorflow(quiet: bool) -> str:

@@ -7,6 +7,7 @@ every Keras format and by `tf.train.Checkpoint`.
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 __all__ = ["Switchable", "find_switchables", "set_clipping"]
@@ -47,9 +48,16 @@ class Switchable:
 
     def set_clipping_enabled(self, value: bool) -> bool:
         """Turn clipping on or off; returns True when the state changed."""
+        _check_flag("value", value)
         changed = self.clipping_enabled != bool(value)
         self._switch.assign(1.0 if value else 0.0)
         return changed
+
+
+def _check_flag(name: str, value: object) -> None:
+    # bool("yes") and bool("false") are both True: only a real boolean says which phase.
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def find_switchables(model: tf.Module) -> list[Switchable]:
@@ -70,4 +78,5 @@ def set_clipping(model: tf.Module, clipped: bool) -> int:
 
     Returns how many objects changed state (0 if all were already in that phase).
     """
+    _check_flag("clipped", clipped)
     return sum(int(s.set_clipping_enabled(clipped)) for s in find_switchables(model))

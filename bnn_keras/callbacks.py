@@ -13,6 +13,7 @@ see it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -22,6 +23,7 @@ import tensorflow as tf
 
 from bnn_keras import optimizers as bk_optimizers
 from bnn_keras._switch import find_switchables
+from bnn_keras.recipe import FIELDS, Rule
 
 __all__ = ["BestValidation", "ClippingSchedule", "EpochClock", "HistoryRows", "StopOnNonFinite", "TrainingDivergedError"]
 
@@ -79,21 +81,21 @@ class ClippingSchedule(tf.keras.callbacks.Callback):
         super().__init__()
         if switch_epoch is None and patience is None:
             raise ValueError("ClippingSchedule needs switch_epoch or patience, got neither")
-        if switch_epoch is not None and (not isinstance(switch_epoch, int) or switch_epoch < 0):
-            raise ValueError(f"switch_epoch must be an integer >= 0, got {switch_epoch!r}")
-        if patience is not None and (not isinstance(patience, int) or patience < 1):
-            raise ValueError(f"patience must be an integer >= 1, got {patience!r}")
-        if not lr_factor > 0:
-            raise ValueError(f"lr_factor must be > 0, got {lr_factor!r}")
-        if bn_momentum is not None and not 0.0 <= bn_momentum < 1.0:
+        for field, value in (("switch_epoch", switch_epoch), ("patience", patience)):
+            if value is not None:  # the recipe's rule, None aside (one of the two may be None, not both)
+                dataclasses.replace(FIELDS[field], optional=False).check(field, value)
+        if not FIELDS["lr_factor"].accepts(lr_factor):
+            raise ValueError(f"lr_factor must be > 0 and finite, got {lr_factor!r}")
+        if not FIELDS["switch_bn_momentum"].accepts(bn_momentum):
             raise ValueError(f"bn_momentum must be in [0, 1), got {bn_momentum!r}")
-        self.switch_epoch = switch_epoch
+        Rule("number", 0).check("min_delta", min_delta)
+        self.switch_epoch = None if switch_epoch is None else int(switch_epoch)
         self.monitor = monitor
-        self.patience = patience
+        self.patience = None if patience is None else int(patience)
         self.mode = mode
         self.min_delta = float(min_delta)
         self.lr_factor = float(lr_factor)
-        self.bn_momentum = bn_momentum
+        self.bn_momentum = None if bn_momentum is None else float(bn_momentum)
         self.verbose = verbose
         self._better, self._best = _improvement_op(monitor, mode)
         self._wait = 0

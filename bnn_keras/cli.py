@@ -16,9 +16,11 @@ exit status 1.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import traceback
@@ -97,7 +99,7 @@ _RECIPE_FLAGS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("clipping schedule", "--lr-factor", "multiply the LR by F at the switch (two-stage: for the fine-tuning stage)", {"metavar": "F"}),
     ("clipping schedule", "--switch-bn-momentum", "BN momentum from the switch on (two-stage: of the fine-tuned model)", {"metavar": "M"}),
     ("clipping schedule", "--pretrain-epochs", "two-stage: epochs of float pretraining", {"metavar": "N", "minimum": 1}),
-    ("run", "--seed", "seed of initialisation and shuffling: one seed, one machine, identical histories", {"metavar": "K", "train_only": True}),
+    ("run", "--seed", "seed of initialisation and shuffling, 0 to 4294967295: one seed, one machine, identical histories", {"metavar": "K", "train_only": True}),
     ("run", "--nondeterministic", "allow TensorFlow's nondeterministic (faster GPU) kernels: runs with one seed then differ slightly, and a resumed run no longer equals an uninterrupted one exactly", {"dest": "deterministic", "action": "store_false"}),
     # train only: a multi-worker strategy is set up once per process, a study runs many
     ("run", "--strategy", "tf.distribute strategy: default (one device), mirrored (local GPUs), multi-worker (cluster in TF_CONFIG), tpu; --batch-size is per replica and the learning rate is scaled by the replica count", {"train_only": True}),
@@ -273,7 +275,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(error, (UsageError, DataUnavailableError)) or _bad_input(error):
             print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
             return 2
+        fault = _environment_fault(error)
+        if fault is not None:
+            again = "; the same command then continues after the last finished epoch" if argv[:1] == ["train"] else ""
+            print(f"{PROG}: error: {fault}{again}", file=sys.stderr)
+            return 2
         return _internal_error(error, tensorflow_log)
+
+
+_FAULTS = {  # errno -> (what TensorFlow's message says, advice)
+    errno.ENOSPC: ("No space left on device", "free some space"),
+    errno.EDQUOT: ("Disk quota exceeded", "free some space"),
+    errno.EROFS: ("Read-only file system", "choose a writable folder"),
+    errno.EACCES: ("Permission denied", "choose a folder you can write"),
+    errno.ENAMETOOLONG: ("File name too long", "choose a shorter name"),
+}
+
+
+def _environment_fault(error: BaseException) -> str | None:
+    """A full disk or an unwritable path (Python's OSError or TensorFlow's), in one line; None otherwise."""
+    if isinstance(error, OSError) and error.errno in _FAULTS:
+        text, advice = _FAULTS[error.errno]
+        where = f" writing {os.fspath(error.filename)!r}" if error.filename else ""
+        return f"{text.lower()}{where}: {advice}"
+    if type(error).__module__.startswith("tensorflow"):
+        message = " ".join(str(error).split())
+        for text, advice in _FAULTS.values():
+            if text in message:
+                path = re.search(r"(\S+?);? " + re.escape(text), message)
+                where = f" writing in {os.path.dirname(path.group(1))!r}" if path and "/" in path.group(1) else ""
+                return f"{text.lower()}{where}: {advice}"
+    return None
 
 
 def _bad_input(error: BaseException) -> bool:

@@ -36,10 +36,11 @@ def get_strategy(name: str = "default") -> tf.distribute.Strategy:
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi-worker":
-        if not os.environ.get("TF_CONFIG"):
+        if not _tf_config().get("cluster"):
+            got = 'one without "cluster"' if os.environ.get("TF_CONFIG", "").strip() else "none"
             raise ValueError(
                 "strategy 'multi-worker' expects the cluster in the TF_CONFIG environment "
-                "variable, got none"
+                f"variable, got {got}"
             )
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "tpu":
@@ -52,13 +53,59 @@ def get_strategy(name: str = "default") -> tf.distribute.Strategy:
 
 def is_chief() -> bool:
     """True unless TF_CONFIG names this process a non-chief worker."""
-    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    config = _tf_config()
     task = config.get("task", {})
     kind, index = task.get("type"), task.get("index", 0)
     if kind in (None, "chief"):
         return True
     has_chief = "chief" in config.get("cluster", {})
     return kind == "worker" and index == 0 and not has_chief
+
+
+_TF_CONFIG_SHAPE = (
+    'TF_CONFIG must be a JSON object like {"cluster": {"worker": ["host:port", ...]}, '
+    '"task": {"type": "worker", "index": 0}}'
+)
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number",
+               float: "a number", bool: "true/false", type(None): "null"}
+
+
+def _tf_config() -> dict:
+    """The TF_CONFIG environment variable parsed ({} when unset), in the shape TensorFlow reads.
+
+    Raises a one-line ValueError naming TF_CONFIG, what it should hold and what it holds.
+    """
+    text = os.environ.get("TF_CONFIG") or ""
+    if not text.strip():
+        return {}
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        raise ValueError(f"{_TF_CONFIG_SHAPE}; got {shown!r}, which is not JSON ({error.msg})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{_TF_CONFIG_SHAPE}; got {_JSON_TYPES[type(config)]}")
+    cluster, task = config.get("cluster", {}), config.get("task", {})
+    if not isinstance(cluster, dict) or not all(
+        isinstance(hosts, list) and hosts and all(isinstance(h, str) for h in hosts)
+        for hosts in cluster.values()
+    ):
+        raise ValueError(f"{_TF_CONFIG_SHAPE}; its \"cluster\" must map job names to lists of "
+                         f"addresses, got {_shown(cluster)}")
+    kind, index = (task.get("type"), task.get("index", 0)) if isinstance(task, dict) else (None, None)
+    if (not isinstance(task, dict) or not isinstance(kind, (str, type(None)))
+            or not isinstance(index, int) or isinstance(index, bool) or index < 0):
+        raise ValueError(f"{_TF_CONFIG_SHAPE}; its \"task\" must hold a job \"type\" and an "
+                         f"\"index\" >= 0, got {_shown(task)}")
+    if kind in cluster and index >= len(cluster[kind]):
+        raise ValueError(f"TF_CONFIG names task {kind!r} {index}, but its cluster has "
+                         f"{len(cluster[kind])} {kind!r} address(es) (index from 0)")
+    return config
+
+
+def _shown(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclasses.dataclass(frozen=True)

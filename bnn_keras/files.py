@@ -14,7 +14,9 @@ files.read_json("runs/x/summary.json")
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import json
 import math
@@ -22,11 +24,11 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["TEMPORARY", "history_csv", "jsonable", "read_json", "write_atomically", "write_bytes", "write_json", "write_text"]
+__all__ = ["BusyError", "TEMPORARY", "history_csv", "locked_folder", "own_folder", "jsonable", "read_json", "write_atomically", "write_bytes", "write_json", "write_text"]
 
 TEMPORARY = re.compile(r"\..+-\w+\.tmp(\.\w+)?")
 """The name of a temporary file `write_atomically` leaves behind when it is killed mid-write."""
@@ -119,3 +121,83 @@ def history_csv(rows: Sequence[Mapping[str, Any]]) -> str:
     writer.writeheader()
     writer.writerows(jsonable(list(rows)))
     return buffer.getvalue()
+
+
+class BusyError(ValueError):
+    """Another process holds the lock of a folder or file bnn_keras is about to write."""
+
+
+def _flock_holder(path: Path) -> str:
+    """The process id holding a ``flock`` on `path`, from /proc/locks ("" where unknown)."""
+    with contextlib.suppress(OSError, ValueError):
+        inode = os.stat(path).st_ino
+        with open("/proc/locks", encoding="ascii") as locks:
+            for line in locks:
+                fields = line.split()  # id: FLOCK ADVISORY WRITE pid maj:min:inode start end
+                if len(fields) >= 6 and fields[1] == "FLOCK" and int(fields[5].rsplit(":", 1)[1]) == inode:
+                    return fields[4]
+    return ""
+
+
+@contextlib.contextmanager
+def own_folder(folder: str | os.PathLike) -> Iterator[None]:
+    """Own an output folder while the block runs: create it and hold an OS lock on it.
+
+    The lock is a ``flock`` on the folder itself, so it leaves no file behind and dies
+    with its process (a SIGKILLed run never leaves a stale lock). A second process on the
+    same folder is refused at once with `BusyError`, naming the holder's process id.
+    Folders this call created are removed again if the block leaves them empty (work
+    refused before it wrote anything).
+
+    ```python
+    with files.own_folder("runs/x"):
+        ...  # no other bnn_keras process writes runs/x meanwhile
+    ```
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"output folder {os.fspath(folder)!r} is a file: expected a folder or a path that does not exist yet")
+    created = []
+    for candidate in (folder, *folder.parents):  # what mkdir creates, deepest first
+        if candidate.exists():
+            break
+        created.append(candidate)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(
+            f"cannot create the output folder {os.fspath(folder)!r} ({error.strerror or error}): choose one you can write"
+        ) from None
+    try:
+        with locked_folder(folder, wait=False):
+            yield
+    finally:
+        for path in created:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
+@contextlib.contextmanager
+def locked_folder(folder: str | os.PathLike, *, wait: bool) -> Iterator[None]:
+    """Hold a ``flock`` on the existing `folder` while the block runs.
+
+    With `wait`, wait for another holder to end (short critical sections, e.g. writing an
+    export's pair of files); without, refuse at once with `BusyError` naming the holder.
+    """
+    folder = Path(folder)
+    try:
+        descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as error:
+        raise ValueError(f"cannot open the folder {os.fspath(folder)!r} ({error.strerror or error})") from None
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = _flock_holder(folder)
+            by = f"process {holder}" if holder else "another process"
+            raise BusyError(
+                f"output folder {os.fspath(folder)!r} is in use by {by}: wait until it ends, or choose another folder"
+            ) from None
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock

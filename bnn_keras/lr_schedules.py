@@ -38,6 +38,13 @@ AnyOptimizer = Union[tf.keras.optimizers.Optimizer, tf.keras.optimizers.legacy.O
 # --------------------------------------------------------------------------- schedules
 
 
+def _rule(field: str) -> Any:
+    """The `bnn_keras.recipe` rule of `field`: rates follow lr_start's, counts of steps epochs'."""
+    from bnn_keras.recipe import FIELDS  # recipe imports this module (through optimizers): read at call time
+
+    return FIELDS[field]
+
+
 class _PerEpochSchedule(tf.keras.optimizers.schedules.LearningRateSchedule, tf.Module):
     """A learning rate that depends on the epoch only, times a run-time `scale` variable.
 
@@ -46,8 +53,8 @@ class _PerEpochSchedule(tf.keras.optimizers.schedules.LearningRateSchedule, tf.M
 
     def __init__(self, steps_per_epoch: int, scale: float = 1.0, name: str | None = None):
         super().__init__(name=name)
-        if int(steps_per_epoch) != steps_per_epoch or steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch must be an integer >= 1, got {steps_per_epoch!r}")
+        _rule("epochs").check("steps_per_epoch", steps_per_epoch)
+        _rule("lr_start").check("scale", scale)
         self.steps_per_epoch = int(steps_per_epoch)
         with tf.init_scope():  # a schedule built inside a tf.function still owns its variable
             self.scale = tf.Variable(float(scale), trainable=False, dtype=tf.float32, name="scale")
@@ -103,10 +110,9 @@ class ExponentialDecayPerEpoch(_PerEpochSchedule):
         name: str | None = None,
     ):
         super().__init__(steps_per_epoch, scale=scale, name=name)
-        if not (start > 0 and end > 0):
-            raise ValueError(f"start and end must be > 0, got start={start!r}, end={end!r}")
-        if int(epochs) != epochs or epochs < 1:
-            raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+        _rule("lr_start").check("start", start)
+        _rule("lr_start").check("end", end)
+        _rule("epochs").check("epochs", epochs)
         self.start, self.end, self.epochs = float(start), float(end), int(epochs)
         rate = (self.end / self.start) ** (1 / (self.epochs - 1)) if self.epochs > 1 else 1.0
         # float64 start and rate: Keras computes in the start's dtype (float32 would round).
@@ -163,6 +169,8 @@ class PiecewiseConstantPerEpoch(_PerEpochSchedule):
                 f"values needs len(boundaries_epochs) + 1 = {len(boundaries) + 1} entries, "
                 f"got {len(values)}"
             )
+        for index, value in enumerate(values):
+            _rule("lr_start").check(f"values[{index}]", value)
         self.boundaries_epochs = boundaries
         self.values = tuple(float(v) for v in values)
 

@@ -31,6 +31,8 @@ net = models.vgg10((32, 32, 3), 10, variant="binarynet")   # for Larq Compute En
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Any, Callable, Sequence
 
 import larq as lq
@@ -60,11 +62,61 @@ def _check_weight_clip(weight_clip: str | None) -> None:
         )
 
 
-def _check_bn(bn_momentum: float, bn_epsilon: float) -> None:
-    if not 0.0 <= bn_momentum < 1.0:
+def _rules() -> Any:
+    """`bnn_keras.recipe`, whose FIELDS and MODEL_FLAGS the builders check their arguments with."""
+    from bnn_keras import recipe  # recipe imports this module: read its rules at call time
+
+    return recipe
+
+
+def _check_bn(bn_momentum: float, bn_epsilon: float, num_classes: int) -> None:
+    rules = _rules()
+    if not rules.FIELDS["bn_momentum"].accepts(bn_momentum):
         raise ValueError(f"bn_momentum must be in [0, 1), got {bn_momentum!r}")
-    if not bn_epsilon > 0:
-        raise ValueError(f"bn_epsilon must be > 0, got {bn_epsilon!r}")
+    rules.FIELDS["bn_epsilon"].check("bn_epsilon", bn_epsilon)
+    rules.Rule("int", 1).check("num_classes", num_classes)
+
+
+# Bytes per parameter while training: float32 weights, their gradients and two optimiser
+# moments (Adam's, the study's optimiser).
+TRAINING_BYTES_PER_PARAMETER = 4 * 4
+
+
+def _physical_memory() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_fits(parameters: int, what: str) -> None:
+    """Refuse, before allocating anything, a model whose training state exceeds physical memory."""
+    memory = _physical_memory()
+    needed = parameters * TRAINING_BYTES_PER_PARAMETER
+    if memory is not None and needed > memory:
+        raise ValueError(
+            f"{what} make a model of {_approx(parameters)} parameters, which needs about {_bytes(needed)} to train "
+            f"({TRAINING_BYTES_PER_PARAMETER} bytes each: float32 weights, gradients and two optimiser moments), "
+            f"more than this machine's {_bytes(memory)} of memory"
+        )
+
+
+def _approx(count: int) -> str:
+    """An integer of any size to three significant digits (floats overflow past 1e308)."""
+    digits = str(count)
+    return digits if len(digits) <= 6 else f"{digits[0]}.{digits[1:3]}e+{len(digits) - 1}"
+
+
+def _bytes(count: int) -> str:
+    for unit, power in (("EB", 18), ("PB", 15), ("TB", 12), ("GB", 9), ("MB", 6)):
+        if 10**power <= count < 10**21:
+            return f"{count / 10**power:.3g} {unit}"
+    return f"{_approx(count)} bytes"
+
+
+def _product(values: Sequence[int]) -> int:
+    return math.prod(int(v) for v in values)
 
 
 class _Binariser:
@@ -104,6 +156,12 @@ class _Binariser:
                 glorot_range=self.weight_clip == "glorot",
             )
         return kwargs
+
+
+def mlp_parameters(input_shape: Sequence[int], num_classes: int, hidden_units: Sequence[int]) -> int:
+    """The number of weights (kernels and BN's four vectors) of `mlp`, without building it."""
+    widths = [_product(input_shape), *map(int, hidden_units), int(num_classes)]
+    return sum(n_in * n_out + 4 * n_out for n_in, n_out in zip(widths, widths[1:]))
 
 
 def _batch_norm(name: str, momentum: float, epsilon: float, synchronized: bool) -> tf.keras.layers.Layer:
@@ -146,17 +204,25 @@ def mlp(
         synchronized_bn: BatchNormalization computes its batch statistics over all
             replicas of a `tf.distribute` strategy (for runs on more than one replica).
 
-    Layers are named ``dense_1, bn_1, relu_1, ..., dense_out, bn_out``.
+    Layers are named ``dense_1, bn_1, relu_1, ..., dense_out, bn_out``. A model whose
+    training state (`TRAINING_BYTES_PER_PARAMETER` per parameter) would not fit in this
+    machine's physical memory is refused with ValueError before anything is allocated.
 
     ```python
     model = mlp((28, 28, 1), 10, hidden_units=(256, 256), variant="binarynet")
     ```
     """
-    _check_bn(bn_momentum, bn_epsilon)
+    _check_bn(bn_momentum, bn_epsilon, num_classes)
     binariser = _Binariser(variant, clipped, weight_clip, clip_value, binarize_input)
-    units = [int(u) for u in hidden_units]
-    if any(u < 1 for u in units):
-        raise ValueError(f"hidden_units must all be >= 1, got {list(hidden_units)}")
+    rule = _rules().MODEL_FLAGS["hidden_units"]
+    if isinstance(hidden_units, (str, bytes)) or not hasattr(hidden_units, "__iter__"):
+        integers = rule.expected.replace("an integer", "integers")
+        raise ValueError(f"hidden_units must be a sequence of {integers}, got {hidden_units!r}")
+    units = list(hidden_units)
+    for width in units:
+        rule.check("each of hidden_units", width)
+    units = [int(u) for u in units]
+    _check_fits(mlp_parameters(input_shape, num_classes, units), f"hidden_units {units}")
 
     inputs = tf.keras.Input(shape=tuple(input_shape), name="image")
     x = tf.keras.layers.Flatten(name="flatten")(inputs)
@@ -205,20 +271,21 @@ def vgg10(
     input is binarised (BinaryNet) pads with +1 (`pad_values=1.0`): Larq Compute
     Engine's binary convolution needs that for SAME padding.
 
-    Arguments as in `mlp`; layers are named ``conv_1, pool_2, bn_1, relu_1, ...,
+    Arguments as in `mlp` (so is the memory check); layers are named ``conv_1, pool_2, bn_1, relu_1, ...,
     dense_1, ..., dense_out, bn_out``.
 
     ```python
     model = vgg10((32, 32, 3), 10, width_multiplier=0.25, variant="binarynet")
     ```
     """
-    _check_bn(bn_momentum, bn_epsilon)
+    _check_bn(bn_momentum, bn_epsilon, num_classes)
     binariser = _Binariser(variant, clipped, weight_clip, clip_value, binarize_input)
-    if not width_multiplier > 0:
-        raise ValueError(f"width_multiplier must be > 0, got {width_multiplier!r}")
+    _rules().MODEL_FLAGS["width_multiplier"].check("width_multiplier", width_multiplier)
+    parameters = vgg10_parameters(input_shape, num_classes, width_multiplier)
+    _check_fits(parameters, f"width_multiplier {width_multiplier:g} and input shape {tuple(input_shape)}")
 
     def width(units: int) -> int:
-        return max(1, int(round(units * width_multiplier)))
+        return _vgg10_width(units, width_multiplier)
 
     def activation(x: tf.Tensor, i: str) -> tf.Tensor:
         return x if variant == "binarynet" else tf.keras.layers.Activation("relu", name=f"relu_{i}")(x)
@@ -247,6 +314,33 @@ def vgg10(
     x = lq.layers.QuantDense(int(num_classes), name="dense_out", **binariser.layer_kwargs(False))(x)
     outputs = _batch_norm("bn_out", bn_momentum, bn_epsilon, synchronized_bn)(x)
     return tf.keras.Model(inputs, outputs, name=name or f"vgg10_{variant}")
+
+
+def _vgg10_width(units: int, width_multiplier: float) -> int:
+    scaled = units * width_multiplier
+    if not math.isfinite(scaled):  # a huge multiplier: exact enough for the memory check to refuse it
+        return units * int(width_multiplier)
+    return max(1, int(round(scaled)))
+
+
+def vgg10_parameters(input_shape: Sequence[int], num_classes: int, width_multiplier: float = 1.0) -> int:
+    """The number of weights (kernels and BN's four vectors) of `vgg10`, without building it."""
+    if len(input_shape) != 3:
+        raise ValueError(f"vgg10 needs an input shape (height, width, channels), got {tuple(input_shape)}")
+    height, width, channels = (int(d) for d in input_shape)
+    if min(height, width) < 8:
+        raise ValueError(
+            f"vgg10 needs images of at least 8x8 (it pools 2x2 three times), got input shape {tuple(input_shape)}"
+        )
+    total = 0
+    for filters, pool in VGG10_CONVOLUTIONS:
+        filters = _vgg10_width(filters, width_multiplier)
+        total += 9 * channels * filters + 4 * filters
+        channels = filters
+        if pool:
+            height, width = height // 2, width // 2
+    widths = [height * width * channels, *(_vgg10_width(u, width_multiplier) for u in VGG10_DENSE), int(num_classes)]
+    return total + sum(n_in * n_out + 4 * n_out for n_in, n_out in zip(widths, widths[1:]))
 
 
 _REGISTRY: dict[str, Callable[..., tf.keras.Model]] = {"mlp": mlp, "vgg10": vgg10}

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Union
 
 import larq as lq
+import numpy as np
 import tensorflow as tf
 from larq import utils as lq_utils
 
@@ -177,7 +178,25 @@ NAMES: tuple[str, ...] = tuple(sorted(_REGISTRY))
 
 def _accepted_hyperparameters(build: Callable[..., Any]) -> set[str]:
     parameters = inspect.signature(build).parameters.values()
-    return {p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    named = {p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return named - {"self", "learning_rate", "name"}  # `name` only renames the Keras object
+
+
+def _is_schedule(learning_rate: Any) -> bool:
+    """A learning rate Keras evaluates itself: a schedule, a variable or tensor, a callable."""
+    return isinstance(learning_rate, (tf.Variable, tf.Tensor)) or callable(learning_rate)
+
+
+def _check_values(key: str, learning_rate: LearningRate | None, hyperparameters: Mapping[str, Any]) -> None:
+    """The field rules of `bnn_keras.recipe` for the learning rate and each ranged hyperparameter."""
+    from bnn_keras.recipe import FIELDS, HYPERPARAMETERS  # recipe imports this module: read at call time
+
+    rule = FIELDS["lr_start"]
+    if learning_rate is not None and not _is_schedule(learning_rate) and not rule.accepts(learning_rate):
+        raise ValueError(f"learning_rate must be {rule.expected} or a LearningRateSchedule, got {learning_rate!r}")
+    for name, value in hyperparameters.items():
+        if name in HYPERPARAMETERS:
+            HYPERPARAMETERS[name].check(f"hyperparameter {name} of optimiser {key!r}", value)
 
 
 def _build(
@@ -197,13 +216,14 @@ def _build(
         if entry.legacy is None:
             raise ValueError(f"{key!r} cannot be a latent optimiser: it has no legacy Keras twin")
         build = entry.legacy
-    accepted = _accepted_hyperparameters(build) - {"self", "learning_rate"}
+    accepted = _accepted_hyperparameters(build)
     unknown = sorted(set(hyperparameters) - accepted)
     if unknown:
         raise ValueError(
             f"unknown hyperparameter(s) {', '.join(unknown)} for optimiser {key!r}: "
             f"expected some of {', '.join(sorted(accepted))}"
         )
+    _check_values(key, learning_rate, hyperparameters)
     kwargs = {**entry.defaults, **hyperparameters}
     if learning_rate is not None:
         kwargs["learning_rate"] = learning_rate
@@ -211,14 +231,16 @@ def _build(
 
 
 def get(
-    name: str, learning_rate: LearningRate | None = None, **hyperparameters: Any
+    name: str, /, learning_rate: LearningRate | None = None, **hyperparameters: Any
 ) -> AnyOptimizer:
     """Build the optimiser called `name` (case-insensitive; one of `NAMES`).
 
     `learning_rate` is a float or a `LearningRateSchedule`; None keeps Keras' default for
     that optimiser. "momentum" and "nesterov" are SGD with momentum 0.9 (plus Nesterov);
     "adam" uses the study's beta_1 = 0.9, beta_2 = 0.999. Other hyperparameters are the
-    Keras constructor's keyword arguments; an unknown one raises ValueError.
+    Keras constructor's keyword arguments; an unknown one, or a value outside its range in
+    `bnn_keras.recipe.HYPERPARAMETERS` (a learning rate must be a finite number > 0 or a
+    schedule), raises ValueError.
 
     "bop" returns a `BopCaseOptimizer` (a Larq `CaseOptimizer`) training variables marked
     binary (`var.precision == 1`, e.g. a `QuantDense` kernel with
@@ -234,6 +256,7 @@ def get(
     opt = get("Momentum", learning_rate=0.1, momentum=0.5)
     opt = get("bop", learning_rate=1e-3, threshold=1e-6, gamma=1e-3)
     get("adamw")  # ValueError: unknown optimiser 'adamw': expected one of adadelta, ...
+    get("adam", beta_1=-5)  # ValueError: hyperparameter beta_1 of optimiser 'adam' must be a number in [0, 1), got -5
     ```
     """
     _check_hyperparameter_types(name, hyperparameters)
@@ -250,14 +273,16 @@ def _check_hyperparameter_types(name: str, hyperparameters: Mapping[str, Any]) -
     for nested in config.values():  # a wrapper's inner optimisers (Bop's CaseOptimizer)
         if isinstance(nested, Mapping) and isinstance(nested.get("config"), Mapping):
             defaults = {**nested["config"], **defaults}
+    def is_number(value: Any) -> bool:
+        return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
     for key, value in hyperparameters.items():
         if key not in defaults:
             continue
         default = defaults[key]
-        is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-        if isinstance(default, bool) and not isinstance(value, bool):
+        if isinstance(default, bool) and not isinstance(value, (bool, np.bool_)):
             expected = "true or false"
-        elif is_number(default) and not (is_number(value) and math.isfinite(value)):
+        elif is_number(default) and not (is_number(value) and (isinstance(value, int) or math.isfinite(value))):
             expected = "a finite number"
         elif default is None and isinstance(value, str):
             expected = "a number"

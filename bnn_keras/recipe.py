@@ -3,7 +3,9 @@
 `FIELDS` holds one `Rule` per checked setting (type, range, choices). `Recipe` validates
 itself with it, and the command line builds its argparse types and choices from it, so a
 new value is added in one place (`bnn_keras.cli`). `MODEL_FLAGS` does the same for the
-builder arguments the command line exposes.
+builder arguments the command line exposes, and `HYPERPARAMETERS` for the optimiser
+hyperparameters; the model builders, `optimizers.get`, the per-epoch schedules and
+`ClippingSchedule` check their arguments with these same rules.
 
 ```python
 from bnn_keras.recipe import RECIPES, Recipe
@@ -31,6 +33,8 @@ from bnn_keras import optimizers as bk_optimizers
 __all__ = [
     "CLIPPINGS",
     "FIELDS",
+    "HYPERPARAMETERS",
+    "INT64_MAX",
     "LOSSES",
     "LR_SCALINGS",
     "LR_SCHEDULES",
@@ -39,6 +43,7 @@ __all__ = [
     "Recipe",
     "Rule",
     "SCHEDULES",
+    "SEED_MAX",
     "get_recipe",
 ]
 
@@ -63,18 +68,32 @@ MODEL_ARGUMENTS = ("input_shape", "num_classes", "variant", "bn_momentum", "bn_e
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an integer past float's range: as far out of any range as infinity
+        return math.inf
+
+
+INT64_MAX = 2**63 - 1
+"""The largest integer TensorFlow holds (int64): an "int" rule's default `largest`."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """What one setting accepts: a kind, an optional range, optional choices, and None or not.
 
-    `check` raises the library's one-line ValueError; `parse` is the matching argparse type.
+    `check` raises the library's one-line ValueError; `accepts` says whether it would not;
+    `parse` is the matching argparse type. An "int" rule also refuses integers above
+    `largest` (TensorFlow's int64 unless the setting has its own limit), naming that limit
+    only when a value passes it.
     """
 
     kind: str  # "int", "number", "choice", "text", "path", "bool"
@@ -84,6 +103,7 @@ class Rule:
     high_open: bool = False
     choices: tuple[Any, ...] | Callable[[], tuple[Any, ...]] | None = None
     optional: bool = False  # None is accepted
+    largest: int = INT64_MAX  # "int" only: the largest value TensorFlow accepts for it
 
     @property
     def options(self) -> tuple[Any, ...]:
@@ -92,41 +112,54 @@ class Rule:
     @property
     def expected(self) -> str:
         """The accepted values in words, as error messages say them."""
+        return self._words(None)
+
+    def _words(self, value: Any) -> str:
+        """`expected`, plus the `largest` limit when `value` passes it."""
         kinds = {"int": "an integer", "number": "a number", "text": "a non-empty string", "path": "a path",
                  "bool": "True or False"}
         words = kinds.get(self.kind, "")
+        bound = (lambda b: f"{int(b)}") if self.kind == "int" else (lambda b: f"{b:g}")
         if self.low is not None and self.high is not None:
             left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-            words += f" in {left}{self.low:g}, {self.high:g}{right}"
+            words += f" in {left}{bound(self.low)}, {bound(self.high)}{right}"
         elif self.low is not None:
-            words += f" {'>' if self.low_open else '>='} {self.low:g}"
+            words += f" {'>' if self.low_open else '>='} {bound(self.low)}"
+        if self.kind == "int" and _is_int(value) and value > self.largest:
+            words += f" and at most {self.largest}"
         return words + (" or None" if self.optional else "")
 
     def _in_range(self, value: float) -> bool:
         if self.kind == "number" and not math.isfinite(value):
             return False
+        if self.kind == "int" and value > self.largest:
+            return False
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
         return self.high is None or (value < self.high if self.high_open else value <= self.high)
 
-    def check(self, field: str, value: Any) -> None:
-        """Raise ValueError (one line: field, expected, given) unless `value` is accepted."""
+    def accepts(self, value: Any) -> bool:
+        """Whether `check` lets `value` through."""
         if value is None and self.optional:
-            return
+            return True
         if self.kind == "choice":
-            if value not in self.options:
-                names = ", ".join("None" if c is None else repr(c) for c in self.options)
-                raise ValueError(f"unknown {field} {value!r}: expected one of {names}")
-            return
-        valid = {
+            return value in self.options
+        return {
             "int": lambda v: _is_int(v) and self._in_range(v),
-            "number": lambda v: _is_number(v) and self._in_range(float(v)),
+            "number": lambda v: _is_number(v) and self._in_range(_float(v)),
             "text": lambda v: isinstance(v, str) and bool(v),
             "path": lambda v: isinstance(v, (str, os.PathLike)),
             "bool": lambda v: isinstance(v, bool),
-        }[self.kind]
-        if not valid(value):
-            raise ValueError(f"{field} must be {self.expected}, got {value!r}")
+        }[self.kind](value)
+
+    def check(self, field: str, value: Any) -> None:
+        """Raise ValueError (one line: field, expected, given) unless `value` is accepted."""
+        if self.accepts(value):
+            return
+        if self.kind == "choice":
+            names = ", ".join("None" if c is None else repr(c) for c in self.options)
+            raise ValueError(f"unknown {field} {value!r}: expected one of {names}")
+        raise ValueError(f"{field} must be {self._words(value)}, got {value!r}")
 
     def parse(self, text: str) -> Any:
         """Command-line text to a value (an argparse ``type``); ArgumentTypeError when not accepted."""
@@ -138,9 +171,12 @@ class Rule:
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
         if not self._in_range(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+            raise argparse.ArgumentTypeError(f"expected {self._words(value).replace(' or None', '')}, got {text}")
         return value
 
+
+SEED_MAX = 2**32 - 1
+"""The largest seed: `tf.keras.utils.set_random_seed` (NumPy's generator) takes 0 .. 2**32 - 1."""
 
 _NAME = Rule("text")
 _PATH = Rule("path", optional=True)
@@ -173,7 +209,7 @@ FIELDS: dict[str, Rule] = {
     "lr_factor": _POSITIVE,
     "switch_bn_momentum": Rule("number", 0, 1, high_open=True, optional=True),
     "pretrain_epochs": Rule("int", 0),
-    "seed": Rule("int", 0),
+    "seed": Rule("int", 0, largest=SEED_MAX),
     "deterministic": Rule("bool"),
     "strategy": Rule("choice", choices=bk_distribute.STRATEGIES),
     "verbose": Rule("choice", choices=(0, 1, 2)),
@@ -187,6 +223,33 @@ MODEL_FLAGS: dict[str, Rule] = {
     "weight_clip": Rule("choice", choices=bk_models.WEIGHT_CLIPS),
 }
 """Rules of the model-builder arguments the command line sets (they go into ``model_kwargs``)."""
+
+_FRACTION = Rule("number", 0, 1, high_open=True)
+_CLIP = Rule("number", 0, low_open=True, optional=True)
+
+HYPERPARAMETERS: dict[str, Rule] = {
+    "beta_1": _FRACTION,
+    "beta_2": _FRACTION,
+    "rho": _FRACTION,
+    "momentum": Rule("number", 0, 1),
+    "epsilon": _POSITIVE,
+    "initial_accumulator_value": Rule("number", 0),
+    "clipnorm": _CLIP,
+    "clipvalue": _CLIP,
+    "global_clipnorm": _CLIP,
+    "weight_decay": Rule("number", 0, optional=True),
+    "ema_momentum": Rule("number", 0, 1),
+    "ema_overwrite_frequency": Rule("int", 1, optional=True),
+    "threshold": Rule("number", 0),  # Bop: |EMA of the gradient| needed to flip a weight
+    "gamma": Rule("number", 0, 1, low_open=True),  # Bop: the EMA's rate
+}
+"""Ranges of the optimiser hyperparameters (``optimizer_kwargs``, ``--opt``) that `optimizers.get` checks."""
+
+# optimizer_kwargs keys that are not hyperparameters, and what sets them instead.
+_NOT_HYPERPARAMETERS = {
+    "learning_rate": "the learning rate is lr_start, lr_end and lr_schedule (--lr, --lr-end, --lr-schedule)",
+    "name": "it would only rename the Keras object; the optimiser is chosen by optimizer (--optimizer)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +298,7 @@ class Recipe:
     switch_bn_momentum: float | None = None
     pretrain_epochs: int = 0
     # run
-    seed: int = 0
+    seed: int = 0  # 0 .. SEED_MAX
     deterministic: bool = True
     strategy: str = "default"
     output_dir: str | None = None
@@ -256,6 +319,9 @@ class Recipe:
                 rule.check(field, value)
         self._check_model_kwargs()
         object.__setattr__(self, "optimizer_kwargs", _mapping("optimizer_kwargs", self.optimizer_kwargs))
+        for key in self.optimizer_kwargs:  # the rest is checked by optimizers.get, which knows each optimiser's
+            if key in _NOT_HYPERPARAMETERS:
+                raise ValueError(f"optimizer_kwargs (--opt) cannot set {key}: {_NOT_HYPERPARAMETERS[key]}")
         self._check_combinations()
 
     def _check_model_kwargs(self) -> None:

@@ -38,6 +38,8 @@ from bnn_keras.recipe import Recipe
 __all__ = ["RESULTS", "RunConflictError", "RunFolder", "same_settings", "settings"]
 
 BACKUP = "backup"
+STAGES = ("train", "pretrain", "finetune")
+"""The stages whose BackupAndRestore checkpoints live in ``backup/<stage>/``."""
 RUN_FILE = "run.json"
 STAGE_FILE = "stage.json"
 RESULTS = ("summary.json", "history.json", "history.csv", "best_model.keras", "curves.png")
@@ -75,6 +77,12 @@ class RunFolder:
         self.out = Path(out)
         self.backup = self.out / BACKUP
 
+    # ----------------------------------------------------------------------- ownership
+
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        """Own the folder while the block runs (`files.own_folder`): a second run is refused."""
+        return files.own_folder(self.out)
+
     # ----------------------------------------------------------------------- state
 
     def read_json(self, name: str) -> Any:
@@ -102,6 +110,13 @@ class RunFolder:
         if not found:
             return "fresh"
         if overwrite:
+            stranger = self._foreign_backup_entry()
+            if stranger is not None:
+                raise RunConflictError(
+                    f"output folder {os.fspath(out)!r} holds a {BACKUP}/ that bnn_keras did not write "
+                    f"(it holds {stranger!r}; ours holds only {', '.join(STAGES)}): --overwrite deletes only a "
+                    "run's own files, so move it away or choose another output folder"
+                )
             return "overwrite"
         advice = "pass --overwrite (overwrite=True) to replace it, or choose another output folder"
         recorded = self.recorded_recipe()
@@ -117,6 +132,17 @@ class RunFolder:
             more = f"; {len(differ) - 3} more" if len(differ) > 3 else ""
             raise RunConflictError(f"output folder {os.fspath(out)!r} holds a run with other settings ({shown}{more}): {advice}")
         return "finished" if (out / "summary.json").exists() else "resume"
+
+    def _foreign_backup_entry(self) -> str | None:
+        """The first entry of ``backup/`` that is not a stage folder of ours (None: all ours, or none)."""
+        if not self.backup.exists():
+            return None
+        if not self.backup.is_dir():
+            return BACKUP
+        for entry in sorted(self.backup.iterdir()):
+            if entry.name not in STAGES or not entry.is_dir():
+                return entry.name
+        return None
 
     # ----------------------------------------------------------------------- preparing and recording
 
@@ -176,9 +202,13 @@ class RunFolder:
         if latest is None:
             return 0
         try:
-            epoch = tf.train.load_checkpoint(latest).get_tensor("ckpt_saved_epoch/.ATTRIBUTES/VARIABLE_VALUE")
-        except (tf.errors.OpError, ValueError, KeyError) as error:
-            raise ValueError(f"cannot read the backup {latest!r} ({type(error).__name__}): {_ADVICE}") from None
+            reader = tf.train.load_checkpoint(latest)
+            for name in reader.get_variable_to_shape_map():  # every tensor: a truncated file fails here, not mid-fit
+                reader.get_tensor(name)
+            epoch = reader.get_tensor("ckpt_saved_epoch/.ATTRIBUTES/VARIABLE_VALUE")
+        except (tf.errors.OpError, ValueError, KeyError, IndexError, RuntimeError) as error:
+            reason = " ".join(str(error).split())[:120]
+            raise ValueError(f"cannot read the backup {latest!r} ({type(error).__name__}: {reason}): {_ADVICE}") from None
         return int(epoch) + 1
 
     def restore(self, model: tf.keras.Model, stage: str) -> None:

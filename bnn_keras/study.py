@@ -250,12 +250,25 @@ def cell_recipes(
     return grid
 
 
+_SUMMARY_KEYS = ("recipe", "test_error_at_best", "test_accuracy_at_best", "best_val_accuracy", "best_epoch_1based")
+"""What the study reads from a cell's summary.json."""
+
+
 def _read_summary(recipe: Recipe) -> dict[str, Any] | None:
     path = recipe.out / "summary.json"
     if not path.exists():
         return None
     summary = files.read_json(path, "use another output folder or delete it")
-    recorded = summary.get("recipe") if isinstance(summary, Mapping) else None
+    missing = None
+    if isinstance(summary, Mapping):
+        numbers = _SUMMARY_KEYS[1:]
+        missing = [k for k in _SUMMARY_KEYS[:1] if k not in summary]
+        missing += [k for k in numbers if isinstance(summary.get(k), bool) or not isinstance(summary.get(k), (int, float))]
+    if missing != []:
+        found = f"a JSON {type(summary).__name__}" if missing is None else f"no valid {', '.join(missing)}"
+        raise ValueError(f"{path} is not a run summary (expected an object with a recipe and numbers {', '.join(_SUMMARY_KEYS[1:])}; found {found}): "
+                         "delete that cell's folder to train it again")
+    recorded = summary["recipe"]
     if not isinstance(recorded, Mapping) or not run_folder.same_settings(recorded, recipe):
         raise ValueError(
             f"{path} was trained with other settings than this study asks for: "
@@ -290,6 +303,8 @@ def run_study(
         ``{"tables": {key: {cell: [summary per seed]}}, "trained": n, "skipped": n,
         "copied": n, "markdown": str}``.
     """
+    if os.fspath(out) == "":
+        raise ValueError('the study folder (--out) is an empty path: expected a folder name ("" would mean the current folder)')
     out = Path(out)
     chosen = _resolve(TABLES if tables is None else tables)
     keys = list(chosen)
@@ -297,6 +312,20 @@ def run_study(
     if not seed_list:
         raise ValueError("seeds must name at least one seed")
     grid = cell_recipes(out, base, chosen.values(), seed_list)  # validates every cell before training any
+    with files.own_folder(out):  # one study per folder: a second one is refused before anything is written
+        return _run_grid(out, grid, keys, chosen, base, seed_list, verbose)
+
+
+def _run_grid(
+    out: Path,
+    grid: list[tuple[str, str, int, Recipe]],
+    keys: list[str],
+    chosen: Mapping[str, Table],
+    base: Recipe,
+    seed_list: list[int],
+    verbose: int,
+) -> dict[str, Any]:
+    """Train or read back every cell of `grid` (the folder is owned), then write tables and figures."""
     results: dict[str, dict[str, list[dict[str, Any]]]] = {k: {} for k in keys}
     curves: dict[str, dict[str, list[list[float]]]] = {k: {} for k in keys}
     done: dict[str, Path] = {}

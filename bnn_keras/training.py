@@ -107,12 +107,17 @@ def run(recipe: Recipe, *, overwrite: bool = False) -> dict[str, Any]:
     _check_folders(recipe)
     chief = recipe.strategy != "multi-worker" or bk_distribute.is_chief()
     folder = RunFolder(recipe.out)
-    if chief:
-        state = folder.state(recipe, overwrite)
-    else:  # never writes the folder; on a shared one it resumes from the chief's backup
+    if not chief:  # never writes the folder; on a shared one it resumes from the chief's backup
         state = "finished" if (folder.out / "summary.json").exists() else "worker"
-    if state == "finished":
-        return _finished(recipe, folder, chief)
+        return _finished(recipe, folder, chief) if state == "finished" else _start(recipe, folder, chief, state, started)
+    with folder.lock():  # one run per folder: a second one is refused before anything is written
+        state = folder.state(recipe, overwrite)
+        if state == "finished":
+            return _finished(recipe, folder, chief)
+        return _start(recipe, folder, chief, state, started)
+
+
+def _start(recipe: Recipe, folder: RunFolder, chief: bool, state: str, started: float) -> dict[str, Any]:
     strategy = _strategy(recipe.strategy)  # before any TensorFlow op: multi-worker sets up collectives first
     with _op_determinism(recipe.deterministic):
         return _train(_Run.start(recipe, strategy, folder, chief), state, started)
@@ -474,6 +479,9 @@ def _strategy(name: str) -> tf.distribute.Strategy:
 
 
 def _check_folders(recipe: Recipe) -> None:
+    for field, flag in (("output_dir", "--out"), ("data_dir", "--data-dir"), ("raw_dir", "--raw-dir")):
+        if getattr(recipe, field) == "":
+            raise ValueError(f"{field} ({flag}) is an empty path: expected a folder name (\"\" would mean the current folder)")
     for field, what in (("data_dir", "a TFDS data folder"), ("raw_dir", "a folder of original dataset files")):
         path = getattr(recipe, field)
         if path is not None and os.path.exists(path) and not os.path.isdir(path):

@@ -32,7 +32,7 @@ check against Keras), `conversion` (`convert`, `save`, `export`), `cli` (the com
 
 from bnn_keras.export.batch_norm import randomize_batch_norm
 from bnn_keras.export.cli import add_export_arguments, main, run_export
-from bnn_keras.export.conversion import LCE_TARGETS, ExportResult, convert, export, report_path, save
+from bnn_keras.export.conversion import LCE_TARGETS, ExportResult, check_pair, convert, export, report_path, save
 from bnn_keras.export.errors import ExportError, ExportVerificationError
 from bnn_keras.export.flatbuffer import BINARY_OPS, TARGETS, FlatbufferRunner, flatbuffer_ops
 from bnn_keras.export.loading import load_model
@@ -50,6 +50,7 @@ __all__ = [
     "FlatbufferRunner",
     "LayerReport",
     "add_export_arguments",
+    "check_pair",
     "convert",
     "export",
     "flatbuffer_ops",

@@ -2,14 +2,21 @@
 
 ``target="lce"`` runs `larq_compute_engine.convert_keras_model` after rewriting binary
 dense layers as 1x1 binary convolutions; ``target="tflite"`` runs the stock
-`tf.lite.TFLiteConverter`, so binary layers stay float.
+`tf.lite.TFLiteConverter`, so binary layers stay float. `save` writes the file, then its
+report with the file's size and sha256; `check_pair` says whether the two still match.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import hashlib
+import math
+import numbers
 import os
+import re
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,9 +30,9 @@ from bnn_keras.export.flatbuffer import check_target
 from bnn_keras.export.loading import ModelLike, as_model
 from bnn_keras.export.report import ConversionReport, json_text
 from bnn_keras.export.rewrite import rewrite_binary_dense
-from bnn_keras.export.verify import VerifyInputs, check_flatbuffer, verification_inputs
+from bnn_keras.export.verify import VALUE_RTOL, VerifyInputs, check_flatbuffer, verification_inputs
 
-__all__ = ["LCE_TARGETS", "ExportResult", "convert", "export", "report_path", "save"]
+__all__ = ["LCE_TARGETS", "ExportResult", "check_pair", "convert", "export", "report_path", "save"]
 
 LCE_TARGETS: tuple[str, ...] = ("arm", "xcore")
 """Hardware targets Larq Compute Engine's converter knows."""
@@ -42,7 +49,7 @@ class ExportResult:
         return f"ExportResult({self.report.model_name!r} -> {self.report.target}, {len(self.flatbuffer):,} bytes)"
 
     def save(self, out_path: str | os.PathLike) -> Path:
-        """Write the flatbuffer and ``OUT.report.json`` atomically; see `save`."""
+        """Write the flatbuffer, then ``OUT.report.json``; see `save`."""
         return save(self, out_path)
 
 
@@ -54,6 +61,17 @@ def _dtype(value: Any, name: str) -> tf.dtypes.DType:
     if dtype not in (tf.float32, tf.int8):
         raise ExportError(f"{name} must be tf.float32 or tf.int8, got {value!r}")
     return dtype
+
+
+def _int8_range(value: Any) -> tuple[float, float]:
+    """(min, max), both finite and min < max: LCE's converter crashes (SIGSEGV) on an infinite one."""
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        low = high = math.nan
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ExportError(f"experimental_default_int8_range must be two finite numbers MIN < MAX, got {value!r}")
+    return low, high
 
 
 def _converter_options(
@@ -71,10 +89,7 @@ def _converter_options(
     output_type = _dtype(inference_output_type, "inference_output_type")
     int8_range = None
     if experimental_default_int8_range is not None:
-        low, high = (float(v) for v in experimental_default_int8_range)
-        if not low < high:
-            raise ExportError(f"experimental_default_int8_range needs min < max, got ({low}, {high})")
-        int8_range = (low, high)
+        int8_range = _int8_range(experimental_default_int8_range)
     if target == "tflite" and (input_type != tf.float32 or output_type != tf.float32 or int8_range):
         raise ExportError(
             "int8 I/O and experimental_default_int8_range are LCE converter options; "
@@ -83,11 +98,19 @@ def _converter_options(
     return input_type, output_type, int8_range
 
 
-def _check_thresholds(min_top1: float, num_verify: int) -> None:
-    if not 0.0 <= min_top1 <= 1.0:
-        raise ExportError(f"min_top1 must be in [0, 1], got {min_top1!r}")
-    if num_verify < 1:
-        raise ExportError(f"num_verify must be >= 1, got {num_verify!r}")
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_thresholds(min_top1: float, num_verify: int, max_abs_diff: float | None, value_rtol: float) -> None:
+    if not (_is_number(min_top1) and 0.0 <= min_top1 <= 1.0):
+        raise ExportError(f"min_top1 must be a number in [0, 1], got {min_top1!r}")
+    if not (isinstance(num_verify, numbers.Integral) and not isinstance(num_verify, bool) and num_verify >= 1):
+        raise ExportError(f"num_verify must be an integer >= 1, got {num_verify!r}")
+    if max_abs_diff is not None and not (_is_number(max_abs_diff) and max_abs_diff >= 0):
+        raise ExportError(f"max_abs_diff must be a number >= 0 or None, got {max_abs_diff!r}")
+    if not (_is_number(value_rtol) and value_rtol > 0):
+        raise ExportError(f"value_rtol must be a number > 0, got {value_rtol!r}")
 
 
 def _to_flatbuffer(
@@ -146,7 +169,9 @@ def convert(
     num_verify: int = 100,
     min_top1: float = 0.99,
     max_abs_diff: float | None = None,
+    value_rtol: float = VALUE_RTOL,
     seed: int = 0,
+    unsafe_load: bool = False,
 ) -> ExportResult:
     """Convert a Keras model to a flatbuffer, check it against Keras, and report on it.
 
@@ -158,14 +183,19 @@ def convert(
         experimental_default_int8_range: (min, max) fallback int8 range (LCE only).
         lce_target: ``"arm"`` or ``"xcore"``; xcore cannot lower SAME zero-padded bconvs.
         rewrite_dense: rewrite binary `QuantDense` layers as 1x1 binary convs (LCE only).
-        verify: run the flatbuffer and compare with Keras (max |diff|, top-1 agreement).
+        verify: run the flatbuffer and compare with Keras (`bnn_keras.export.verify`).
         verify_inputs: an array, a ``.npy`` path, or a dataset name for
             `bnn_keras.data.load` (its test split); None draws seeded N(0, 1) inputs.
         num_verify: at most this many verification inputs.
-        min_top1: lowest top-1 agreement with Keras that passes (0 to 1).
+        min_top1: lowest top-1 agreement with Keras that passes (0 to 1), for outputs
+            with a class axis (a last axis of more than one value).
         max_abs_diff: largest max |output difference| that passes; None: not checked
             (binary activations flip on float rounding near 0, so top-1 is the default).
+        value_rtol: an output without a class axis (one value per example) passes when
+            max |diff| <= value_rtol x max(1, max |Keras output|); int8 outputs need more.
         seed: seed of the random verification inputs.
+        unsafe_load: load a saved model even if it carries code (a `Lambda` layer):
+            only for a file you trust (`bnn_keras.export.loading`).
 
     Returns:
         `ExportResult` with the flatbuffer bytes and the `ConversionReport`.
@@ -185,8 +215,8 @@ def convert(
     input_type, output_type, int8_range = _converter_options(
         target, lce_target, inference_input_type, inference_output_type, experimental_default_int8_range
     )
-    _check_thresholds(min_top1, num_verify)
-    model = as_model(model_or_path)
+    _check_thresholds(min_top1, num_verify, max_abs_diff, value_rtol)
+    model = as_model(model_or_path, unsafe_load=unsafe_load)
     if not model.built or not model.inputs:
         raise ExportError(f"model {model.name!r} has no defined inputs: build it on an Input first")
     # Inputs before converting, so a bad dataset name fails fast.
@@ -207,7 +237,7 @@ def convert(
     _warn(report)
     if inputs is not None:
         report.verification = check_flatbuffer(
-            model, flatbuffer, target, *inputs, min_top1=min_top1, max_abs_diff=max_abs_diff
+            model, flatbuffer, target, *inputs, min_top1=min_top1, max_abs_diff=max_abs_diff, value_rtol=value_rtol
         )
     return ExportResult(flatbuffer, report)
 
@@ -218,39 +248,161 @@ def report_path(out_path: str | os.PathLike) -> Path:
     return out_path.with_name(out_path.name + ".report.json")
 
 
-def _check_out_folder(out_path: Path) -> None:
+def _check_out_path(out_path: Path) -> None:
+    """`out_path` can be written: its folder exists and takes new files, and it is no folder."""
     if not out_path.parent.is_dir():
         raise ExportError(f"output folder does not exist: {str(out_path.parent)!r}")
+    if out_path.is_dir():
+        raise ExportError(f"output path is a folder: {str(out_path)!r}")
+    try:
+        os.unlink(_stage(out_path, b""))
+    except OSError as error:
+        raise ExportError(
+            f"cannot write {str(out_path)!r}: its folder takes no new files ({error.strerror or error})"
+        ) from None
+
+
+def _temporaries(out_path: Path) -> list[Path]:
+    """Temporary files a killed `save` to `out_path` left (`bnn_keras.files.TEMPORARY` names)."""
+    own = [
+        re.compile(re.escape(f".{path.name}-") + r"\w+\.tmp" + re.escape(path.suffix))
+        for path in (out_path, report_path(out_path))
+    ]
+    return [
+        out_path.parent / name
+        for name in os.listdir(out_path.parent)
+        if files.TEMPORARY.fullmatch(name) and any(pattern.fullmatch(name) for pattern in own)
+    ]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _stage(path: Path, payload: bytes) -> str:
+    """Write `payload` to a new temporary file beside `path`, named as `bnn_keras.files` does."""
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}-", suffix=f".tmp{path.suffix}", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())  # an ordinary file's mode, not mkstemp's 0600
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    return temporary
+
+
+def _swap_in(out_path: Path, staged_model: str, staged_report: str) -> None:
+    """Move the staged pair into place so that a report on disk always describes the file beside it.
+
+    The old report steps aside (kept until the new file is in place), then the file moves
+    in, then its report: a kill in between leaves the new file without a report, never
+    beside the old one.
+    """
+    report_file = report_path(out_path)
+    old_report = None
+    if report_file.exists():
+        old_report = _stage(report_file, b"")
+        os.replace(report_file, old_report)
+    try:
+        os.replace(staged_model, out_path)
+    except BaseException:
+        if old_report is not None:
+            os.replace(old_report, report_file)
+        raise
+    try:
+        os.replace(staged_report, report_file)
+    finally:
+        if old_report is not None:
+            os.unlink(old_report)
+
+
+def _write_error(out_path: Path, error: OSError, size: int) -> ExportError:
+    if error.errno == errno.ENOSPC:  # while staging: nothing was moved yet
+        return ExportError(
+            f"cannot write {str(out_path)!r}: no space left on its device for the {size:,}-byte file "
+            "and its report; what was there is unchanged"
+        )
+    return ExportError(f"cannot write {str(out_path)!r}: {error.strerror or one_line(error)}")
 
 
 def save(result: ExportResult, out_path: str | os.PathLike) -> Path:
-    """Write ``OUT`` (the flatbuffer) and ``OUT.report.json``, each atomically.
+    """Write ``OUT`` (the flatbuffer), then ``OUT.report.json``, which holds its size and sha256.
 
-    Both go through a temporary file in the same folder and `os.replace`
-    (`bnn_keras.files`), with an ordinary file's mode under the umask; when anything
-    fails, neither is left behind (a report written before a failing flatbuffer is removed).
+    Both are written in full to temporary files in the same folder first (``.OUT-*.tmp*``,
+    as `bnn_keras.files` names them, with an ordinary file's mode under the umask), then
+    moved into place, the flatbuffer first: when writing fails (a full disk), what was
+    there is left as it was; a report on disk always describes the file beside it (see
+    `check_pair`). Temporary files of an earlier `save` to ``OUT`` that was killed are
+    removed first. Exports into one folder write their pairs in turn (a lock on the folder).
 
     ```python
     save(convert(model, "lce"), "model.tflite")   # -> model.tflite, model.tflite.report.json
+    check_pair("model.tflite")["file_sha256"]
     ```
     """
     out_path = Path(out_path)
-    _check_out_folder(out_path)
-    if out_path.is_dir():
-        raise ExportError(f"output path is a folder: {str(out_path)!r}")
-    report_file = report_path(out_path)
-    data = result.report.to_dict()
-    data["file"] = out_path.name
-    files.write_text(report_file, json_text(data))
-    try:
-        files.write_bytes(out_path, result.flatbuffer)
-    except BaseException as error:
+    _check_out_path(out_path)
+    with files.locked_folder(out_path.parent, wait=True):  # exports into one folder write their pairs in turn
+        return _save_pair(result, out_path)
+
+
+def _save_pair(result: ExportResult, out_path: Path) -> Path:
+    for temporary in _temporaries(out_path):
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(report_file)
-        if isinstance(error, OSError):
-            raise ExportError(f"cannot write {str(out_path)!r}: {one_line(error)}") from None
-        raise
+            os.unlink(temporary)
+    data = result.report.to_dict()
+    data.update(
+        file=out_path.name,
+        file_bytes=len(result.flatbuffer),
+        file_sha256=hashlib.sha256(result.flatbuffer).hexdigest(),
+    )
+    staged: list[str] = []
+    try:
+        staged.append(_stage(out_path, result.flatbuffer))
+        staged.append(_stage(report_path(out_path), json_text(data).encode("utf-8")))
+        _swap_in(out_path, *staged)
+    except OSError as error:
+        raise _write_error(out_path, error, len(result.flatbuffer)) from None
+    finally:
+        for temporary in staged:  # moved into place, or left over from a failure
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
     return out_path
+
+
+def check_pair(out_path: str | os.PathLike) -> dict[str, Any]:
+    """The report of ``OUT`` if it describes the file ``OUT`` (byte size and sha256), else `ExportError`.
+
+    ```python
+    report = check_pair("model.tflite")   # raises when an export was cut short
+    report["file_sha256"], report["verification"]
+    ```
+    """
+    out_path = Path(out_path)
+    report_file = report_path(out_path)
+    for path in (out_path, report_file):
+        if not path.is_file():
+            raise ExportError(f"{str(out_path)!r} and its report are no pair: {str(path)!r} does not exist")
+    try:
+        data = files.read_json(report_file)
+        payload = out_path.read_bytes()
+    except (OSError, ValueError) as error:
+        raise ExportError(f"cannot check {str(out_path)!r} against its report: {one_line(error)}") from None
+    if not isinstance(data, dict) or "file_sha256" not in data:
+        raise ExportError(f"{str(report_file)!r} holds no file_sha256 (written by an older bnn_keras): export again")
+    sha256 = hashlib.sha256(payload).hexdigest()
+    if data.get("file_bytes") != len(payload) or data["file_sha256"] != sha256:
+        raise ExportError(
+            f"{str(report_file)!r} describes another file than {str(out_path)!r} "
+            f"({data.get('file_bytes')} bytes, sha256 {str(data['file_sha256'])[:12]}..., the file has "
+            f"{len(payload)} bytes, sha256 {sha256[:12]}...): export again"
+        )
+    return data
 
 
 def export(model_or_path: ModelLike, out_path: str | os.PathLike, target: str = "lce", **options: Any) -> ExportResult:
@@ -261,7 +413,7 @@ def export(model_or_path: ModelLike, out_path: str | os.PathLike, target: str = 
     ```
     """
     out_path = Path(out_path)
-    _check_out_folder(out_path)  # before converting, which takes seconds
+    _check_out_path(out_path)  # before converting, which takes seconds
     result = convert(model_or_path, target, **options)
     save(result, out_path)
     return result

@@ -104,11 +104,15 @@ class ConversionReport:
             lines.append(f"dense layers rewritten as 1x1 binary convs: {', '.join(self.rewritten_dense)}")
         if self.verification:
             v = self.verification
-            lines.append(
-                f"verified on {v['num_inputs']} {v['inputs']} inputs: max |diff| {v['max_abs_diff']:.3g}, "
-                f"top-1 agreement {100 * v['top1_agreement']:.1f}% "
-                f"({100 * v['top1_agreement_strict']:.1f}% counting tied Keras outputs as misses)"
-            )
+            checks = []
+            if v.get("top1_outputs", True):
+                checks.append(
+                    f"top-1 agreement {100 * v['top1_agreement']:.1f}% "
+                    f"({100 * v['top1_agreement_strict']:.1f}% counting tied Keras outputs as misses)"
+                )
+            if v.get("value_outputs"):
+                checks.append(f"outputs without a class axis within {v['value_rtol']:g} x max(1, max |Keras output|)")
+            lines.append(f"verified on {v['num_inputs']} {v['inputs']} inputs: max |diff| {v['max_abs_diff']:.3g}, " + "; ".join(checks))
         lines.extend(f"note: {note}" for note in self.notes)
         return lines
 
