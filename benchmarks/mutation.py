@@ -534,6 +534,21 @@ def _report_from_log(log: Path, mutants: list[Mutant], args: argparse.Namespace)
     return 0
 
 
+def _sample(mutants: list[Mutant], count: int, seed: int) -> list[Mutant]:
+    """A seeded random `count` of `mutants`, each target's share as in the whole (at least one each)."""
+    import random
+
+    rng = random.Random(seed)
+    by_target: dict[str, list[Mutant]] = {}
+    for mutant in mutants:
+        by_target.setdefault(mutant.target, []).append(mutant)
+    chosen = []
+    for name, group in sorted(by_target.items()):
+        share = max(1, round(count * len(group) / len(mutants)))
+        chosen.extend(rng.sample(group, min(share, len(group))))
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", nargs="+", choices=sorted(TARGETS), help="targets to mutate (default: all)")
@@ -542,6 +557,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print the mutants and stop")
     parser.add_argument("--match", help="only mutants whose key contains this text")
     parser.add_argument("--guards", action="store_true", help="also mutate input-validation guards (an if that only raises)")
+    parser.add_argument(
+        "--sample", type=int, metavar="N",
+        help="a seeded random N of the mutants, the same share of every target (a full run takes hours here)",
+    )
+    parser.add_argument("--sample-seed", type=int, default=0, metavar="S", help="seed of --sample (default 0)")
     parser.add_argument("--no-write", action="store_true", help=f"do not rewrite {RESULTS.relative_to(ROOT)}")
     parser.add_argument("--from-log", metavar="LOG", help="write the report from a run's printed lines (a run stopped early)")
     parser.add_argument("--serve", metavar="WORKDIR", help=argparse.SUPPRESS)
@@ -555,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     mutants = [m for name in names for m in mutants_of(name, TARGETS[name], args.guards)]
     if args.match:
         mutants = [m for m in mutants if args.match in m.key]
+    if args.sample is not None and not args.from_log:
+        mutants = _sample(mutants, args.sample, args.sample_seed)
     if args.from_log:
         return _report_from_log(Path(args.from_log), mutants, args)
     if args.list:
@@ -566,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = run(mutants, args.jobs, args.timeout_factor)
     command = "python benchmarks/mutation.py" + (f" --target {' '.join(args.target)}" if args.target else "")
     command += " --guards" if args.guards else ""
+    command += f" --sample {args.sample} --sample-seed {args.sample_seed}" if args.sample is not None else ""
     command += f" --jobs {args.jobs}" if args.jobs > 1 else ""
     text = report(outcomes, command, (time.perf_counter() - started) / 60)
     print(text)

@@ -262,3 +262,21 @@ def test_plateau_switch_epoch_is_logged_in_the_phase_it_trained_in():
     history = model.fit(X, Y, epochs=3, batch_size=64, verbose=0, callbacks=[schedule])
     assert history.history["clipping_phase"] == [0.0, 0.0, 1.0]
     assert history.history["bn_momentum"] == [0.9, 0.9, 0.3]
+
+
+@pytest.mark.parametrize(
+    "monitor, start, cases",
+    [
+        # (current, best, min_delta) -> better?
+        ("val_accuracy", -np.inf, [((0.0, -np.inf, 0.0), True), ((0.51, 0.5, 0.005), True),
+                                   ((0.504, 0.5, 0.005), False), ((0.5, 0.5, 0.0), False), ((0.4, 0.5, 0.0), False)]),
+        ("val_loss", np.inf, [((9.0, np.inf, 0.0), True), ((0.44, 0.5, 0.05), True),
+                              ((0.46, 0.5, 0.05), False), ((0.5, 0.5, 0.0), False), ((0.6, 0.5, 0.0), False)]),
+    ],
+)
+def test_improvement_rule_and_starting_best_follow_keras_early_stopping(monitor, start, cases):
+    from bnn_keras.callbacks import _improvement_op
+
+    better, best = _improvement_op(monitor, "auto")
+    assert best == start
+    assert [better(*args) for args, _ in cases] == [expected for _, expected in cases]
