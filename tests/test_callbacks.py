@@ -280,3 +280,25 @@ def test_improvement_rule_and_starting_best_follow_keras_early_stopping(monitor,
     better, best = _improvement_op(monitor, "auto")
     assert best == start
     assert [better(*args) for args, _ in cases] == [expected for _, expected in cases]
+
+
+@pytest.mark.parametrize(
+    "kwargs, line",
+    [
+        ({"lr_factor": 0.1, "bn_momentum": 0.5, "verbose": 1},
+         "ClippingSchedule: clipped phase from epoch 3, learning rate x0.1 -> 0.01, BN momentum -> 0.5"),
+        ({"verbose": 1}, "ClippingSchedule: clipped phase from epoch 3"),
+        ({"lr_factor": 0.1, "bn_momentum": 0.5, "verbose": 0}, None),
+    ],
+    ids=["lr-and-bn", "plain", "quiet"],
+)
+def test_the_switch_prints_one_line_saying_what_changed(capsys, kwargs, line):
+    model = build(lr=0.1)
+    model.fit(X, Y, epochs=3, batch_size=16, verbose=0, callbacks=[ClippingSchedule(switch_epoch=2, **kwargs)])
+    printed = capsys.readouterr().out.strip()
+    assert printed == ("" if line is None else line)
+
+
+def test_best_validation_before_any_epoch_has_no_best_yet():
+    best = BestValidation()
+    assert (best.best_epoch, best.best_logs, best.best_weights, best.best) == (None, {}, None, -np.inf)

@@ -152,3 +152,30 @@ def test_top1_ties_count_only_within_float_rounding(second_class_file, keras_bia
     if not tie:
         with pytest.raises(export.ExportVerificationError, match=r"top-1 agreement 0.0% < 99.0%"):
             check_flatbuffer(model, second_class_file, "tflite", x, "given", min_top1=0.99, max_abs_diff=None)
+
+
+def test_the_dense_rewrite_says_why_it_skips_a_layer():
+    from bnn_keras.export import rewrite_binary_dense
+
+    def binary_dense(name):
+        return lq.layers.QuantDense(4, input_quantizer="ste_sign", kernel_quantizer="ste_sign", name=name)
+
+    inputs = tf.keras.Input((3, 8))
+    model = tf.keras.Model(inputs, binary_dense("on_sequence")(inputs))
+    _, rewritten, skipped = rewrite_binary_dense(model)
+    assert rewritten == []
+    assert skipped == {"on_sequence": "only rank-2 inputs with known width are rewritten, its input is (None, 3, 8)"}
+
+    class Subclassed(tf.keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = binary_dense("inside")
+
+        def call(self, x):
+            return self.dense(x)
+
+    subclassed = Subclassed()
+    subclassed(tf.zeros((1, 8)))
+    same, rewritten, skipped = rewrite_binary_dense(subclassed)
+    assert same is subclassed and rewritten == []
+    assert skipped == {"inside": "its input shape is unknown"}  # a subclassed model records no input shapes

@@ -24,7 +24,8 @@ The command line (``bnn-keras export MODEL --target lce --out FILE``, or
 ``python -m bnn_keras.export``) calls `add_export_arguments` and `run_export`.
 
 One job per module, data flowing down: `loading` (read the model), `rewrite` (binary
-layers, dense -> 1x1 conv), `flatbuffer` (parse and run a flatbuffer), `report` (the
+layers, dense -> 1x1 conv), `pitfalls` (LCE 0.16: zero padding on small maps, kernels over
+the folding limit), `flatbuffer` (parse and run a flatbuffer), `report` (the
 report's data and table), `attribution` (ops and bytes -> Keras layers), `verify` (the
 check against Keras), `conversion` (`convert`, `save`, `export`), `cli` (the command),
 `batch_norm` (statistics for checking untrained models).
@@ -36,6 +37,7 @@ from bnn_keras.export.conversion import LCE_TARGETS, ExportResult, check_pair, c
 from bnn_keras.export.errors import ExportError, ExportVerificationError
 from bnn_keras.export.flatbuffer import BINARY_OPS, TARGETS, FlatbufferRunner, flatbuffer_ops
 from bnn_keras.export.loading import load_model
+from bnn_keras.export.pitfalls import fold_limit_pitfall, rewrite_lce_pitfalls, zero_padding_pitfall
 from bnn_keras.export.report import ConversionReport, LayerReport
 from bnn_keras.export.rewrite import is_binarizing, rewrite_binary_dense
 
@@ -54,12 +56,15 @@ __all__ = [
     "convert",
     "export",
     "flatbuffer_ops",
+    "fold_limit_pitfall",
     "is_binarizing",
     "load_model",
     "main",
     "randomize_batch_norm",
     "report_path",
     "rewrite_binary_dense",
+    "rewrite_lce_pitfalls",
     "run_export",
     "save",
+    "zero_padding_pitfall",
 ]

@@ -3,7 +3,9 @@
 TFLite names a tensor after the Keras ops that produced it (``model/conv_1/Conv2D;...``);
 fused names can lead with an activation or be cut off, so weight-carrying ops are matched
 to a Keras kernel by shape first. Each layer also gets its ideal size (1 bit per binary
-weight, 32 per other parameter) and, when it stayed float, the reason.
+weight by Larq's precision, 32 per other parameter) and, when it stayed float, the reason;
+the binary-MAC share counts the layers that became binary ops in the file. A file holding
+a binary conv LCE 0.16 computes wrongly (`bnn_keras.export.pitfalls`) is refused.
 """
 
 from __future__ import annotations
@@ -15,9 +17,18 @@ import numpy as np
 import tensorflow as tf
 
 from bnn_keras._switch import find_switchables
+from bnn_keras.export.errors import ExportError
 from bnn_keras.export.flatbuffer import BINARY_OPS, Flatbuffer, Op, parse
+from bnn_keras.export.pitfalls import fold_limit_pitfall, wrong_zero_padded_bconvs
 from bnn_keras.export.report import ConversionReport, LayerReport
-from bnn_keras.export.rewrite import binary_input, binary_kernel, has_kernel, kernel_quantizer, leaf_layers
+from bnn_keras.export.rewrite import (
+    binary_input,
+    binary_kernel,
+    has_kernel,
+    is_binary_precision,
+    kernel_quantizer,
+    leaf_layers,
+)
 
 __all__ = ["build_report"]
 
@@ -84,6 +95,7 @@ class _Attribution:
         self.bytes_of: dict[str, int] = {name: 0 for name in self.by_name}
         self.fused_into: dict[str, str] = {}
         self.unattributed = 0
+        self.owner_of_op: list[str | None] = []
         self._with_kernel_op: set[str] = set()
         self._counted: set[int] = set()  # buffers already counted (shared constants count once)
         for op in parsed.ops:
@@ -141,6 +153,7 @@ class _Attribution:
     def _add(self, op: Op) -> None:
         candidates = self._candidates(op)
         owner = self._owner(op, candidates)
+        self.owner_of_op.append(owner)
         constant = self._constant_bytes(op)
         if owner is None:
             self.unattributed += constant
@@ -183,6 +196,9 @@ def _binary_conv_float_reason(layer: lq.layers.QuantConv2D, lce_target: str) -> 
             f"grouped binary conv needs a multiple of 32 input channels per group "
             f"(has {channels // groups})"
         )
+    too_large = fold_limit_pitfall(layer)
+    if too_large:
+        return too_large
     pad_values = float(tf.keras.backend.get_value(getattr(layer, "pad_values", 0.0)))
     if layer.padding == "same" and pad_values != 1.0 and lce_target != "arm":
         return f"SAME padding with pad_values={pad_values:g} is unsupported on {lce_target}; use pad_values=1.0"
@@ -195,13 +211,15 @@ def _switch_flags(model: tf.keras.Model) -> set[int]:
 
 
 def _parameter_bits(model: tf.keras.Model) -> dict[str, tuple[int, int, float]]:
-    """Per layer: (parameters, binary parameters, ideal bits); switch flags excluded."""
+    """Per layer: (parameters, binary parameters, ideal bits); switch flags excluded.
+
+    A kernel is binary by Larq's metadata (`is_binary_precision` of its quantiser).
+    """
     flags = _switch_flags(model)
     seen: set[int] = set()
     result = {}
     for layer in leaf_layers(model):
-        quantizer = kernel_quantizer(layer)
-        binary_weights = getattr(quantizer, "precision", 32) == 1 and not isinstance(quantizer, lq.quantizers.NoOp)
+        binary_weights = is_binary_precision(kernel_quantizer(layer))
         kernels = {id(getattr(layer, a, None)) for a in ("kernel", "depthwise_kernel")}
         params = binary = 0
         for weight in layer.weights:
@@ -216,30 +234,39 @@ def _parameter_bits(model: tf.keras.Model) -> dict[str, tuple[int, int, float]]:
     return result
 
 
-def _binary_mac_share(model: tf.keras.Model) -> float:
-    """1-bit MACs over all MACs, from Larq's `ModelProfile`, without bnn_keras' flags.
+def _layer_macs(layer: tf.keras.layers.Layer, flags: set[int]) -> int | None:
+    """MACs per example as Larq's `ModelProfile` counts them, without bnn_keras' switch flags.
 
-    Larq counts every non-bias weight of a MAC layer as a kernel, so each scalar
-    switch flag would add one 32-bit "MAC" per output pixel; those are taken out.
+    A MAC layer of Larq's (`larq.models.mac_containing_layers`: conv, dense) does output
+    pixels x non-bias weights MACs; each scalar switch flag would add one 32-bit "MAC" per
+    output pixel, so flags are left out. (Larq's profile itself fails on a quantiser
+    function without ``precision``.) None: no static output shape.
     """
-    flags = _switch_flags(model)
-
-    def flag_macs(profile: Any, m: tf.keras.Model) -> int:
-        total = 0
-        for layer_profile, layer in zip(profile.layer_profiles, m.layers):
-            if isinstance(layer, tf.keras.Model):
-                total += flag_macs(layer_profile, layer)
-            elif layer_profile.op_profiles:
-                n_flags = sum(id(w) in flags for w in layer.weights)
-                total += n_flags * int(layer_profile.output_pixels or 0)
-        return total
-
+    if not isinstance(layer, lq.models.mac_containing_layers):
+        return 0
     try:
-        profile = lq.models.ModelProfile(model)
-        total = profile.op_count("mac") - flag_macs(profile, model)
-        return profile.op_count("mac", 1) / total if total > 0 else 0.0
-    except Exception:  # profiles need static shapes; the share is informative only
-        return float("nan")
+        shape = layer.output_shape
+    except (AttributeError, RuntimeError):
+        return None
+    if isinstance(shape, list) or any(d is None for d in shape[1:]):
+        return None
+    pixels = int(np.prod(shape[1:-1]))  # Larq's output pixels: H x W, or steps, or 1
+    weights = sum(int(np.prod(w.shape)) for w in layer.weights if id(w) not in flags and "bias" not in w.name)
+    return pixels * weights
+
+
+def _binary_mac_share(model: tf.keras.Model, reports: list[LayerReport]) -> float | None:
+    """MACs of the layers that became binary ops in the file over all MACs; None without MACs or when unknown."""
+    flags = _switch_flags(model)
+    binary = {r.name for r in reports if r.binary}
+    total = in_binary = 0
+    for layer in leaf_layers(model):
+        macs = _layer_macs(layer, flags)
+        if macs is None:
+            return None
+        total += macs
+        in_binary += macs if layer.name in binary else 0
+    return in_binary / total if total > 0 else None
 
 
 def _layer_reports(
@@ -251,6 +278,7 @@ def _layer_reports(
     rewrite_dense: bool,
     rewritten: list[str],
     skipped: dict[str, str],
+    fixes: dict[str, str],
 ) -> list[LayerReport]:
     """One `LayerReport` per Keras layer: its ops, bytes, ideal size and a note."""
     reports = []
@@ -261,6 +289,8 @@ def _layer_reports(
         note = ""
         if layer.name in rewritten and binary:
             note = "binary dense rewritten as a 1x1 LceBconv2d"
+        elif layer.name in fixes and binary:
+            note = fixes[layer.name]
         elif has_kernel(layer) and not binary:
             note = _float_reason(layer, target, lce_target, skipped, rewrite_dense)
         elif not ops:
@@ -292,9 +322,9 @@ def _op_counts(parsed: Flatbuffer) -> dict[str, int]:
     return counts
 
 
-def _notes(target: str, options: dict[str, Any], parsed: Flatbuffer) -> list[str]:
-    """Model-wide notes: float-only target, int8 I/O asked for but not produced."""
-    notes = []
+def _notes(target: str, options: dict[str, Any], parsed: Flatbuffer, fixes: dict[str, str]) -> list[str]:
+    """Model-wide notes: float-only target, layers rewritten for LCE, int8 I/O asked for but not produced."""
+    notes = [f"layer {name!r} rewritten for LCE 0.16: {note}" for name, note in fixes.items()]
     if target == "tflite":
         notes.append("stock TFLite has no binary ops: every binary layer runs as a float op")
     for kind, requested, tensors in (
@@ -320,10 +350,27 @@ def build_report(
     rewritten: list[str],
     skipped: dict[str, str],
     options: dict[str, Any],
+    fixes: dict[str, str] | None = None,
 ) -> ConversionReport:
-    """Describe `flatbuffer`, converted from `converted_model` (`model` after the rewrite)."""
+    """Describe `flatbuffer`, converted from `converted_model` (`model` after the rewrites).
+
+    `fixes`: per layer rewritten by `bnn_keras.export.pitfalls`, what was done and why.
+
+    Raises:
+        ExportError: the file holds a binary conv LCE 0.16 computes wrongly (SAME zero
+            padding on a map smaller than the kernel, in a model that could not be rewritten).
+    """
+    fixes = fixes or {}
     parsed = parse(flatbuffer)
     attribution = _Attribution(model, converted_model.name, parsed)
+    wrong = wrong_zero_padded_bconvs(flatbuffer)
+    if wrong:
+        index, why = next(iter(wrong.items()))
+        raise ExportError(
+            f"layer {attribution.owner_of_op[index] or '?'!r}: {why}, which LCE 0.16 computes wrongly, "
+            "and bnn_keras could not rewrite it (in a subclassed model, or its input shape is unknown): "
+            "use pad_values=1.0 or a larger feature map"
+        )
     reports = _layer_reports(
         attribution,
         _parameter_bits(model),
@@ -332,6 +379,7 @@ def build_report(
         rewrite_dense=rewrite_dense,
         rewritten=rewritten,
         skipped=skipped,
+        fixes=fixes,
     )
     return ConversionReport(
         target=target,
@@ -340,10 +388,10 @@ def build_report(
         layers=reports,
         file_bytes=len(flatbuffer),
         ideal_bytes=sum(r.ideal_bytes for r in reports),
-        binary_mac_share=_binary_mac_share(model),
+        binary_mac_share=_binary_mac_share(model, reports),
         op_counts=_op_counts(parsed),
         options=options,
         rewritten_dense=list(rewritten),
         unattributed_bytes=attribution.unattributed,
-        notes=_notes(target, options, parsed),
+        notes=_notes(target, options, parsed, fixes),
     )

@@ -29,6 +29,7 @@ from bnn_keras.export.errors import ExportError, one_line
 from bnn_keras.export.flatbuffer import check_target
 from bnn_keras.export.loading import ModelLike, as_model
 from bnn_keras.export.report import ConversionReport, json_text
+from bnn_keras.export.pitfalls import rewrite_lce_pitfalls
 from bnn_keras.export.rewrite import rewrite_binary_dense
 from bnn_keras.export.verify import VALUE_RTOL, VerifyInputs, check_flatbuffer, verification_inputs
 
@@ -115,16 +116,17 @@ def _check_thresholds(min_top1: float, num_verify: int, max_abs_diff: float | No
 
 def _to_flatbuffer(
     model: tf.keras.Model, options: dict[str, Any]
-) -> tuple[bytes, tf.keras.Model, list[str], dict[str, str]]:
-    """(flatbuffer, the model converted, rewritten dense layers, skipped ones and why)."""
+) -> tuple[bytes, tf.keras.Model, list[str], dict[str, str], dict[str, str]]:
+    """(flatbuffer, the model converted, rewritten dense layers, skipped ones and why, pitfall rewrites)."""
     target = options["target"]
-    converted_model, rewritten, skipped = model, [], {}
+    converted_model, rewritten, skipped, fixes = model, [], {}, {}
     try:
         if target == "lce":
             import larq_compute_engine as lce
 
             if options["rewrite_dense"]:
                 converted_model, rewritten, skipped = rewrite_binary_dense(model)
+            converted_model, fixes = rewrite_lce_pitfalls(converted_model, options["lce_target"])
             flatbuffer = lce.convert_keras_model(
                 converted_model,
                 inference_input_type=tf.as_dtype(options["inference_input_type"]),
@@ -138,7 +140,7 @@ def _to_flatbuffer(
         raise
     except Exception as error:
         raise ExportError(f"{target} conversion of {model.name!r} failed: {one_line(error)}") from None
-    return bytes(flatbuffer), converted_model, rewritten, skipped
+    return bytes(flatbuffer), converted_model, rewritten, skipped, fixes
 
 
 def _warn(report: ConversionReport) -> None:
@@ -229,10 +231,10 @@ def convert(
         "lce_target": lce_target,
         "rewrite_dense": rewrite_dense,
     }
-    flatbuffer, converted_model, rewritten, skipped = _to_flatbuffer(model, options)
+    flatbuffer, converted_model, rewritten, skipped, fixes = _to_flatbuffer(model, options)
     report = build_report(
         model, converted_model, flatbuffer, target=target, lce_target=lce_target,
-        rewrite_dense=rewrite_dense, rewritten=rewritten, skipped=skipped, options=options,
+        rewrite_dense=rewrite_dense, rewritten=rewritten, skipped=skipped, options=options, fixes=fixes,
     )
     _warn(report)
     if inputs is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -39,7 +40,7 @@ class ConversionReport:
     layers: list[LayerReport]
     file_bytes: int
     ideal_bytes: float
-    binary_mac_share: float
+    binary_mac_share: float | None  # MACs of layers that became binary ops; None: no MACs, or unknown
     op_counts: dict[str, int]
     options: dict[str, Any]
     rewritten_dense: list[str] = dataclasses.field(default_factory=list)
@@ -53,9 +54,9 @@ class ConversionReport:
         return sum(layer.bytes for layer in self.layers)
 
     @property
-    def ratio_to_ideal(self) -> float:
-        """File size over the ideal size (1 bit per binary weight, 32 per other parameter)."""
-        return self.file_bytes / self.ideal_bytes if self.ideal_bytes else float("nan")
+    def ratio_to_ideal(self) -> float | None:
+        """File size over the ideal size (1 bit per binary weight, 32 per other parameter); None without parameters."""
+        return self.file_bytes / self.ideal_bytes if self.ideal_bytes else None
 
     @property
     def binary_ops(self) -> int:
@@ -65,7 +66,7 @@ class ConversionReport:
         data = dataclasses.asdict(self)
         data.update(
             layer_bytes=self.layer_bytes,
-            ratio_to_ideal=round(self.ratio_to_ideal, 4),
+            ratio_to_ideal=None if self.ratio_to_ideal is None else round(self.ratio_to_ideal, 4),
             binary_ops=self.binary_ops,
         )
         return data
@@ -96,8 +97,11 @@ class ConversionReport:
             f"file {self.file_bytes:,} B (layers {self.layer_bytes:,} B, other constants "
             f"{self.unattributed_bytes:,} B, flatbuffer structure "
             f"{self.file_bytes - self.layer_bytes - self.unattributed_bytes:,} B); "
-            f"ideal {self.ideal_bytes:,.0f} B; file/ideal {self.ratio_to_ideal:.2f}x",
-            f"binary ops {self.binary_ops}; binary MACs {100 * self.binary_mac_share:.1f}% of all MACs; "
+            f"ideal {self.ideal_bytes:,.0f} B; file/ideal "
+            + ("n/a" if self.ratio_to_ideal is None else f"{self.ratio_to_ideal:.2f}x"),
+            f"binary ops {self.binary_ops}; binary MACs "
+            + ("n/a" if self.binary_mac_share is None else f"{100 * self.binary_mac_share:.1f}% of all MACs")
+            + "; "
             f"ops: {', '.join(f'{k} x{v}' for k, v in sorted(self.op_counts.items()))}",
         ]
         if self.rewritten_dense:
@@ -126,13 +130,24 @@ def _compress(ops: Sequence[str]) -> list[str]:
 
 
 def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
     if isinstance(value, tf.dtypes.DType):
         return value.name
     return str(value)
 
 
+def _finite(value: Any) -> Any:
+    """`value` with NumPy scalars as Python numbers and NaN or infinite floats as None (JSON has neither)."""
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def json_text(data: dict[str, Any]) -> str:
-    """`data` (a report's `to_dict`, maybe with more keys) as indented JSON text."""
-    return json.dumps(data, indent=2, default=_json_default)
+    """`data` (a report's `to_dict`, maybe with more keys) as indented, valid JSON text (NaN and inf as null)."""
+    return json.dumps(_finite(data), indent=2, default=_json_default, allow_nan=False)
