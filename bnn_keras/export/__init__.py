@@ -27,7 +27,7 @@ One job per module, data flowing down: `loading` (read the model), `rewrite` (bi
 layers, dense -> 1x1 conv), `pitfalls` (LCE 0.16: zero padding on small maps, kernels over
 the folding limit), `flatbuffer` (parse and run a flatbuffer), `report` (the
 report's data and table), `attribution` (ops and bytes -> Keras layers), `verify` (the
-check against Keras), `conversion` (`convert`, `save`, `export`), `cli` (the command),
+check against Keras), `localise` (where a file departs from Keras), `conversion` (`convert`, `save`, `export`), `cli` (the command),
 `batch_norm` (statistics for checking untrained models).
 """
 
@@ -37,8 +37,10 @@ from bnn_keras.export.conversion import LCE_TARGETS, ExportResult, check_pair, c
 from bnn_keras.export.errors import ExportError, ExportVerificationError
 from bnn_keras.export.flatbuffer import BINARY_OPS, TARGETS, FlatbufferRunner, flatbuffer_ops
 from bnn_keras.export.loading import load_model
+from bnn_keras.export.localise import Localisation, localise
 from bnn_keras.export.pitfalls import fold_limit_pitfall, rewrite_lce_pitfalls, zero_padding_pitfall
 from bnn_keras.export.report import ConversionReport, LayerReport
+from bnn_keras.export.verify import MAX_WRONG_SHARE, OUTPUT_RTOL
 from bnn_keras.export.rewrite import is_binarizing, rewrite_binary_dense
 
 __all__ = [
@@ -51,6 +53,9 @@ __all__ = [
     "ExportVerificationError",
     "FlatbufferRunner",
     "LayerReport",
+    "Localisation",
+    "MAX_WRONG_SHARE",
+    "OUTPUT_RTOL",
     "add_export_arguments",
     "check_pair",
     "convert",
@@ -59,6 +64,7 @@ __all__ = [
     "fold_limit_pitfall",
     "is_binarizing",
     "load_model",
+    "localise",
     "main",
     "randomize_batch_norm",
     "report_path",

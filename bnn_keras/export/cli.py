@@ -13,7 +13,7 @@ import tensorflow as tf
 from bnn_keras.export.conversion import LCE_TARGETS, export, report_path
 from bnn_keras.export.errors import ExportError, one_line
 from bnn_keras.export.flatbuffer import TARGETS
-from bnn_keras.export.verify import MAX_VERIFY_BYTES, VALUE_RTOL
+from bnn_keras.export.verify import MAX_VERIFY_BYTES, MAX_WRONG_SHARE, OUTPUT_RTOL, VALUE_RTOL
 
 __all__ = ["add_export_arguments", "main", "run_export"]
 
@@ -29,6 +29,9 @@ _FLAGS = (
     ("min_top1", "--min-top1"),
     ("max_abs_diff", "--max-abs-diff"),
     ("value_rtol", "--value-rtol"),
+    ("output_rtol", "--output-rtol"),
+    ("max_wrong_share", "--max-wrong-share"),
+    ("localise=True", "--localise"),
     ("lce_target", "--lce-target"),
     ("target='tflite'", "--target tflite"),
 )
@@ -84,6 +87,21 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "--value-rtol", type=Rule("number", 0, low_open=True).parse, default=VALUE_RTOL, metavar="R",
         help="outputs without a class axis (one value per example) pass when max |diff| <= "
         f"R x max(1, max |Keras output|) (default {VALUE_RTOL:g}; int8 outputs need more)",
+    )
+    parser.add_argument(
+        "--output-rtol", type=Rule("number", 0, low_open=True).parse, default=OUTPUT_RTOL, metavar="R",
+        help="an input's class output is off when max |diff| > R x the output's max |Keras output| "
+        f"(default {OUTPUT_RTOL:g}; float rounding is about 1e-6)",
+    )
+    parser.add_argument(
+        "--max-wrong-share", type=Rule("number", 0, 1).parse, default=MAX_WRONG_SHARE, metavar="P",
+        help="most share of inputs whose class outputs may be off, e.g. by sign flips near 0 "
+        f"(default {MAX_WRONG_SHARE:g})",
+    )
+    parser.add_argument(
+        "--localise", action="store_true",
+        help="also when verification passes, report the first layer where the file departs from Keras "
+        "(a failure always does)",
     )
     parser.add_argument("--no-verify", action="store_true", help="skip the check against Keras")
     parser.add_argument("--int8-io", action="store_true", help="int8 model inputs and outputs (LCE)")
@@ -141,6 +159,9 @@ def run_export(args: argparse.Namespace) -> int:
             min_top1=args.min_top1,
             max_abs_diff=args.max_abs_diff,
             value_rtol=args.value_rtol,
+            output_rtol=args.output_rtol,
+            max_wrong_share=args.max_wrong_share,
+            localise=args.localise,
             unsafe_load=args.unsafe_load,
         )
     except ExportError as error:

@@ -31,7 +31,15 @@ from bnn_keras.export.loading import ModelLike, as_model
 from bnn_keras.export.report import ConversionReport, json_text
 from bnn_keras.export.pitfalls import rewrite_lce_pitfalls
 from bnn_keras.export.rewrite import rewrite_binary_dense
-from bnn_keras.export.verify import VALUE_RTOL, VerifyInputs, check_flatbuffer, verification_inputs
+from bnn_keras.export.verify import (
+    MAX_WRONG_SHARE,
+    OUTPUT_RTOL,
+    VALUE_RTOL,
+    VerifyInputs,
+    check_flatbuffer,
+    check_output_options,
+    verification_inputs,
+)
 
 __all__ = ["LCE_TARGETS", "ExportResult", "check_pair", "convert", "export", "report_path", "save"]
 
@@ -172,6 +180,9 @@ def convert(
     min_top1: float = 0.99,
     max_abs_diff: float | None = None,
     value_rtol: float = VALUE_RTOL,
+    output_rtol: float | None = OUTPUT_RTOL,
+    max_wrong_share: float = MAX_WRONG_SHARE,
+    localise: bool = False,
     seed: int = 0,
     unsafe_load: bool = False,
 ) -> ExportResult:
@@ -195,6 +206,12 @@ def convert(
             (binary activations flip on float rounding near 0, so top-1 is the default).
         value_rtol: an output without a class axis (one value per example) passes when
             max |diff| <= value_rtol x max(1, max |Keras output|); int8 outputs need more.
+        output_rtol: an input's class output is off when its max |diff| > output_rtol x
+            the output's max |Keras output| (float rounding: 1e-6); None: not checked.
+        max_wrong_share: most share of inputs whose class outputs may be off (sign flips
+            of pre-sign values within rounding of 0 move a few); a file off on more fails.
+        localise: also on a pass, name where the file departs from Keras in the report
+            (a failure always does): ``verification["localisation"]`` and a note.
         seed: seed of the random verification inputs.
         unsafe_load: load a saved model even if it carries code (a `Lambda` layer):
             only for a file you trust (`bnn_keras.export.loading`).
@@ -218,6 +235,7 @@ def convert(
         target, lce_target, inference_input_type, inference_output_type, experimental_default_int8_range
     )
     _check_thresholds(min_top1, num_verify, max_abs_diff, value_rtol)
+    check_output_options(output_rtol, max_wrong_share)
     model = as_model(model_or_path, unsafe_load=unsafe_load)
     if not model.built or not model.inputs:
         raise ExportError(f"model {model.name!r} has no defined inputs: build it on an Input first")
@@ -239,8 +257,10 @@ def convert(
     _warn(report)
     if inputs is not None:
         report.verification = check_flatbuffer(
-            model, flatbuffer, target, *inputs, min_top1=min_top1, max_abs_diff=max_abs_diff, value_rtol=value_rtol
+            model, flatbuffer, target, *inputs, min_top1=min_top1, max_abs_diff=max_abs_diff, value_rtol=value_rtol,
+            output_rtol=output_rtol, max_wrong_share=max_wrong_share, localise=localise,
         )
+        report.notes.extend(report.verification["notes"])
     return ExportResult(flatbuffer, report)
 
 

@@ -114,6 +114,13 @@ class ConversionReport:
                     f"top-1 agreement {100 * v['top1_agreement']:.1f}% "
                     f"({100 * v['top1_agreement_strict']:.1f}% counting tied Keras outputs as misses)"
                 )
+            cv = v.get("class_values") or {}
+            if v.get("output_rtol") and any(c["checked"] for c in cv.values()):
+                worst = max(c["wrong_inputs"] for c in cv.values() if c["checked"])
+                rel = max(c["max_relative_diff"] for c in cv.values())
+                checks.append(
+                    f"class outputs within {v['output_rtol']:g} x their scale on {100 * (1 - worst):.0f}% of inputs (max {rel:.2g} x)"
+                )
             if v.get("value_outputs"):
                 checks.append(f"outputs without a class axis within {v['value_rtol']:g} x max(1, max |Keras output|)")
             lines.append(f"verified on {v['num_inputs']} {v['inputs']} inputs: max |diff| {v['max_abs_diff']:.3g}, " + "; ".join(checks))
