@@ -50,11 +50,19 @@ def test_an_unwritable_output_folder_is_one_line(command):
     )
 
 
+def _default_sigint():
+    """In the child: SIGINT as at a terminal (a background job's shell ignores it; a mask would block it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_while_starting_is_one_line_and_exit_130(tmp_path):
     # Ctrl-C from half a second on, every 0.3 s until the process ends: a library's bare
     # `except:` can swallow one interrupt during the imports, the next one must still stop it.
     process = subprocess.Popen([sys.executable, "-m", "bnn_keras.cli", *T, "--out", str(tmp_path / "run")],
-                               env=ENV, stderr=subprocess.PIPE, text=True)
+                               env=ENV, stderr=subprocess.PIPE, text=True,
+                               # a shell's background job ignores SIGINT, and so would the child: a terminal's Ctrl-C
+                               preexec_fn=_default_sigint)
     time.sleep(0.5)
     while process.poll() is None:
         process.send_signal(signal.SIGINT)
