@@ -302,3 +302,29 @@ def test_the_switch_prints_one_line_saying_what_changed(capsys, kwargs, line):
 def test_best_validation_before_any_epoch_has_no_best_yet():
     best = BestValidation()
     assert (best.best_epoch, best.best_logs, best.best_weights, best.best) == (None, {}, None, -np.inf)
+
+
+def test_a_second_fit_after_a_replayed_one_starts_its_plateau_counter_afresh():
+    """replay() carries the counter into the resumed fit only; the next fit starts from none."""
+    model = build(lr=0.0)  # the loss never changes, so every epoch after the first is a plateau
+    schedule = ClippingSchedule(monitor="loss", patience=2, verbose=0)
+    schedule.replay([{"loss": -1.0, "clipping_phase": 0.0}])  # best -1: nothing here beats it
+    model.fit(X, Y, epochs=2, initial_epoch=1, batch_size=64, verbose=0, callbacks=[schedule])
+    assert schedule.switched_at_epoch is None  # one epoch without improvement, last epoch
+    history = model.fit(X, Y, epochs=3, batch_size=64, verbose=0, callbacks=[schedule])
+    # Fresh: best at epoch 0, then 1 and 2 without improvement; the plateau ends with the last epoch.
+    assert history.history["clipping_phase"] == [0.0, 0.0, 0.0]
+    assert schedule.switched_at_epoch is None
+
+
+@pytest.mark.parametrize("as_dataset", [False, True])
+def test_best_validation_evaluates_the_test_rows_silently(as_dataset, capfd):
+    model = build()
+    test_data = (X[:16], Y[:16])
+    if as_dataset:
+        test_data = tf.data.Dataset.from_tensor_slices(test_data).batch(8)
+    best = BestValidation(monitor="loss", test_data=test_data)
+    capfd.readouterr()
+    model.fit(X, Y, epochs=2, batch_size=16, verbose=0, callbacks=[best])
+    assert capfd.readouterr().out == ""
+    assert set(best.best_logs) >= {"test_loss", "test_accuracy"}

@@ -333,6 +333,7 @@ def test_the_right_regressor_file_passes_and_says_which_check_applied(regressor,
     v = check_flatbuffer(model, flatbuffer, "tflite", x, "given", min_top1=0.99, max_abs_diff=None)
     assert v["top1_outputs"] == [] and list(v["value_outputs"]) == ["head"] and v["value_rtol"] == 1e-3
     assert v["value_outputs"]["head"]["max_abs_diff"] <= 1e-5
+    assert v["top1_agreement"] == v["top1_agreement_strict"] == 1.0  # no class axis: none can disagree
 
     path = _saved(model, tmp_path / "regressor.keras")
     np.save(tmp_path / "x.npy", x)

@@ -179,3 +179,18 @@ def test_the_dense_rewrite_says_why_it_skips_a_layer():
     same, rewritten, skipped = rewrite_binary_dense(subclassed)
     assert same is subclassed and rewritten == []
     assert skipped == {"inside": "its input shape is unknown"}  # a subclassed model records no input shapes
+
+    class Wrapper(tf.keras.Model):  # a subclassed model around a functional backbone
+        def __init__(self, backbone):
+            super().__init__()
+            self.backbone = backbone
+
+        def call(self, x):
+            return self.backbone(x)
+
+    inputs = tf.keras.Input((8,))
+    wrapper = Wrapper(tf.keras.Model(inputs, binary_dense("in_backbone")(inputs)))
+    wrapper(tf.zeros((1, 8)))
+    same, rewritten, skipped = rewrite_binary_dense(wrapper)
+    assert same is wrapper and rewritten == []
+    assert skipped == {"in_backbone": "the model is subclassed, so its graph cannot be rebuilt"}
