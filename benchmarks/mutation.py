@@ -28,6 +28,7 @@ import concurrent.futures
 import contextlib
 import copy
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -584,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{mutant.target:<11} {mutant.path}:{mutant.start[0]}  {mutant.key}")
         print(f"{len(mutants)} mutants")
         return 0
+    if importlib.util.find_spec("pytest_cov") is None:
+        parser.error('expected pytest-cov installed (it maps lines to tests), got none: pip install -e ".[mutation]"')
     started = time.perf_counter()
     outcomes = run(mutants, args.jobs, args.timeout_factor)
     command = "python benchmarks/mutation.py" + (f" --target {' '.join(args.target)}" if args.target else "")
