@@ -30,7 +30,7 @@ with _keras_setup.quiet_interrupt():  # the command's Ctrl-C while importing: on
 __version__ = "0.1.0"
 
 # Heavier modules (tfds, LCE, matplotlib) load on first use: `bnn_keras.data.load(...)`.
-_LAZY_SUBMODULES = ("callbacks", "data", "export", "models", "optimizers", "plots", "study", "training")
+_LAZY_SUBMODULES = ("callbacks", "data", "export", "models", "optimizers", "plots", "study", "switchable", "training")
 
 
 def __getattr__(name: str):
@@ -38,6 +38,10 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module(f"bnn_keras.{name}")
+    if name == "make_switchable":  # a user's own Larq model, made switchable (`bnn_keras.switchable`)
+        from bnn_keras.switchable import make_switchable
+
+        return make_switchable
     raise AttributeError(f"module 'bnn_keras' has no attribute {name!r}")
 
 
@@ -45,6 +49,7 @@ __all__ = [
     "Switchable",
     "constraints",
     "find_switchables",
+    "make_switchable",
     "quantizers",
     "set_clipping",
 ]

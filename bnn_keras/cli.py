@@ -148,7 +148,7 @@ _MODEL_FLAGS = ("hidden_units", "width_multiplier", "weight_clip", "binarize_inp
 def _recipe(base: Any, args: argparse.Namespace) -> Any:
     """`base` with the flags given on the command line applied."""
     given = dict(vars(args))
-    for name in ("command", "recipe", "quick", "tables", "seeds", "handler", "out", "overwrite"):
+    for name in ("command", "recipe", "quick", "tables", "seeds", "handler", "out", "overwrite", "imports", "unsafe_load"):
         given.pop(name, None)
     model_kwargs = {k: given.pop(k) for k in _MODEL_FLAGS if k in given}
     if model_kwargs.get("weight_clip") == "none":
@@ -162,10 +162,14 @@ def _recipe(base: Any, args: argparse.Namespace) -> Any:
 def _train(args: argparse.Namespace) -> int:
     from bnn_keras import training
 
+    if args.imports:
+        from bnn_keras.export.cli import _import_modules
+
+        _import_modules(args.imports)
     recipe = _recipe(training.get_recipe(args.recipe), args)
     if args.out is not None:
         recipe = recipe.replace(output_dir=args.out)
-    training.run(recipe, overwrite=args.overwrite)
+    training.run(recipe, overwrite=args.overwrite, unsafe_load=args.unsafe_load)
     return 0
 
 
@@ -221,6 +225,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     train.add_argument("recipe", choices=recipes, metavar="RECIPE", help=f"one of: {', '.join(recipes)}")
     train.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/RECIPE); the same command again continues an interrupted run there")
     train.add_argument("--overwrite", action="store_true", help="replace the run the output folder holds (needed when its settings differ)")
+    own = train.add_argument_group("your own model")
+    own.add_argument("--model-file", default=argparse.SUPPRESS, metavar="FILE", help="train this saved Larq model (.keras, .h5, SavedModel) instead of the recipe's: its sign quantisers and weight clips are made switchable; its input shape and classes must fit the dataset")
+    own.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE", help="import MODULE (on PYTHONPATH) first, so the custom Keras objects of --model-file load; repeatable")
+    own.add_argument("--unsafe-load", action="store_true", help="load a --model-file that carries code (a Lambda layer): only for a file you trust")
     _add_recipe_flags(train, study=False)
     train.set_defaults(handler=_train)
 

@@ -27,7 +27,7 @@ from larq import utils as lq_utils
 
 from bnn_keras._switch import Switchable
 
-__all__ = ["ClippedSteSign", "SwitchableSteSign", "VanillaSteSign", "get"]
+__all__ = ["ClippedSteSign", "SwitchableMagnitudeAwareSign", "SwitchableSteSign", "VanillaSteSign", "get"]
 
 _PACKAGE = "bnn_keras"
 
@@ -84,8 +84,33 @@ class ClippedSteSign(lq.quantizers.SteSign):
         super().__init__(clip_value=float(clip_value), **kwargs)
 
 
+class _SwitchableSign(Switchable):
+    """A Larq sign quantiser's clip value and the run-time flag that turns its clipping on."""
+
+    _switch_name = "clipped"
+
+    def __init__(self, clipped: bool = False, clip_value: float = 1.0, **kwargs: Any):
+        if clip_value is None or not clip_value > 0:
+            raise ValueError(f"clip_value must be a positive number, got {clip_value!r}")
+        super().__init__(clip_value=float(clip_value), **kwargs)
+        self._init_switch(bool(clipped))
+
+    def _switched_sign(self, inputs: tf.Tensor) -> tf.Tensor:
+        # An infinite clip value is the vanilla STE: |x| <= inf everywhere.
+        clip = tf.where(self._switch_on(), self.clip_value, float("inf"))
+        return lq.quantizers.ste_sign(inputs, clip_value=clip)
+
+    @property
+    def non_trainable_weights(self) -> list[tf.Variable]:
+        # Larq's quantiser base hides all its variables; the flag must be saved.
+        return [self._switch]
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "clipped": self.clipping_enabled}
+
+
 @_register("switchable_ste_sign")
-class SwitchableSteSign(Switchable, lq.quantizers.SteSign):
+class SwitchableSteSign(_SwitchableSign, lq.quantizers.SteSign):
     r"""Sign whose STE switches between vanilla and clipped at run time.
 
     $\partial q / \partial x = 1$ while `clipped` is off and $1_{|x| \leq c}$ while it is
@@ -101,28 +126,29 @@ class SwitchableSteSign(Switchable, lq.quantizers.SteSign):
     ```
     """
 
-    _switch_name = "clipped"
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        # Skip SteSign.call (it would quantise again); Larq's base adds flip-ratio metrics.
+        return super(lq.quantizers.SteSign, self).call(self._switched_sign(inputs))
 
-    def __init__(self, clipped: bool = False, clip_value: float = 1.0, **kwargs: Any):
-        if clip_value is None or not clip_value > 0:
-            raise ValueError(f"clip_value must be a positive number, got {clip_value!r}")
-        super().__init__(clip_value=float(clip_value), **kwargs)
-        self._init_switch(bool(clipped))
+
+@_register("switchable_magnitude_aware_sign")
+class SwitchableMagnitudeAwareSign(_SwitchableSign, lq.quantizers.MagnitudeAwareSign):
+    r"""Bi-Real Net's magnitude-aware sign whose STE switches between vanilla and clipped.
+
+    $q(x) = \mathrm{sign}(x) \cdot \overline{|x|}$ (the mean over every axis but the
+    last, outside the gradient), as `lq.quantizers.MagnitudeAwareSign`; the gradient
+    switches as `SwitchableSteSign`'s does. `bnn_keras.make_switchable` puts it in place
+    of ``"magnitude_aware_sign"``.
+
+    ```python
+    q = SwitchableMagnitudeAwareSign(clipped=True, clip_value=1.0)
+    ```
+    """
 
     def call(self, inputs: tf.Tensor) -> tf.Tensor:
-        # An infinite clip value is the vanilla STE: |x| <= inf everywhere.
-        clip = tf.where(self._switch_on(), self.clip_value, float("inf"))
-        outputs = lq.quantizers.ste_sign(inputs, clip_value=clip)
-        # Skip SteSign.call (it would quantise again); Larq's base adds flip-ratio metrics.
-        return super(lq.quantizers.SteSign, self).call(outputs)
-
-    @property
-    def non_trainable_weights(self) -> list[tf.Variable]:
-        # Larq's quantiser base hides all its variables; the flag must be saved.
-        return [self._switch]
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "clipped": self.clipping_enabled}
+        scale = tf.stop_gradient(tf.reduce_mean(tf.abs(inputs), axis=list(range(len(inputs.shape) - 1))))
+        # Skip MagnitudeAwareSign.call (it would quantise again); Larq's base: metrics only.
+        return super(lq.quantizers.MagnitudeAwareSign, self).call(scale * self._switched_sign(inputs))
 
 
 def get(identifier: Any) -> Any:

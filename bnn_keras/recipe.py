@@ -214,6 +214,8 @@ FIELDS: dict[str, Rule] = {
     "strategy": Rule("choice", choices=bk_distribute.STRATEGIES),
     "verbose": Rule("choice", choices=(0, 1, 2)),
     "output_dir": _PATH,
+    "model_file": _PATH,
+    "model_sha256": Rule("text", optional=True),
 }
 """The rule of every checked `Recipe` field (the command line's types and choices come from here)."""
 
@@ -276,6 +278,8 @@ class Recipe:
     # model
     model: str = "mlp"
     model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    model_file: str | None = None  # train this saved Larq model (made switchable) instead of building `model`
+    model_sha256: str | None = None  # of the model file or given model (`training.run` fills it in)
     variant: str = "binaryconnect"
     bn_momentum: float = 0.85
     bn_epsilon: float = 1e-4
@@ -307,7 +311,7 @@ class Recipe:
     def __post_init__(self) -> None:
         for field in ("name", "dataset", "model", "variant", "optimizer"):  # strings first: lower() below
             _NAME.check(field, getattr(self, field))
-        for field in ("data_dir", "raw_dir", "output_dir"):
+        for field in ("data_dir", "raw_dir", "output_dir", "model_file"):
             FIELDS[field].check(field, getattr(self, field))
             if getattr(self, field) is not None:
                 object.__setattr__(self, field, os.fspath(getattr(self, field)))
@@ -354,6 +358,19 @@ class Recipe:
                 raise ValueError(
                     f"switch_epoch must be < epochs ({self.epochs}) to switch at all, got {self.switch_epoch}"
                 )
+        if self.model_file is not None or self.model_sha256 is not None:
+            if self.model_file == "":
+                raise ValueError("model_file (--model-file) is an empty path: expected a saved Keras model")
+            if self.schedule == "two-stage":
+                raise ValueError(
+                    "schedule 'two-stage' needs the float twin bnn_keras builds for its own models; "
+                    "a model file has none: use 'clipped', 'vanilla' or 'vanilla-then-clipped'"
+                )
+            if self.model_kwargs:
+                raise ValueError(
+                    f"model_kwargs {', '.join(sorted(self.model_kwargs))} set bnn_keras' own builders, "
+                    "not a model file: the file's model is trained as it is (model_kwargs={})"
+                )
         if self.schedule == "two-stage" and self.pretrain_epochs < 1:
             raise ValueError(
                 f"pretrain_epochs must be an integer >= 1 for schedule 'two-stage', got {self.pretrain_epochs!r}"
@@ -380,13 +397,15 @@ class Recipe:
     ) -> "Recipe":
         """Like `replace`, but `model_kwargs` / `optimizer_kwargs` are merged into the current ones.
 
-        A change of ``model`` drops the current model_kwargs (they belong to the old model).
+        A change of ``model``, or a ``model_file``, drops the current model_kwargs (they
+        belong to the old model's builder).
 
         ```python
         RECIPES["mnist_mlp"].override(epochs=5, model_kwargs={"weight_clip": "glorot"})
         ```
         """
-        current = {} if changes.get("model", self.model) != self.model else dict(self.model_kwargs)
+        new_model = changes.get("model", self.model) != self.model or changes.get("model_file") is not None
+        current = {} if new_model else dict(self.model_kwargs)
         return self.replace(
             model_kwargs={**current, **(model_kwargs or {})},
             optimizer_kwargs={**self.optimizer_kwargs, **(optimizer_kwargs or {})},

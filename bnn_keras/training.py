@@ -56,7 +56,7 @@ from bnn_keras import distribute as bk_distribute
 from bnn_keras import models as bk_models
 from bnn_keras import optimizers as bk_optimizers
 from bnn_keras._switch import find_switchables
-from bnn_keras.callbacks import TrainingDivergedError
+from bnn_keras.callbacks import TrainingDivergedError, _batch_norm_layers
 from bnn_keras.constraints import SwitchableWeightClip
 from bnn_keras.files import write_json, write_text
 from bnn_keras.quantizers import SwitchableSteSign
@@ -81,8 +81,22 @@ __all__ = [
 ]
 
 
-def run(recipe: Recipe, *, overwrite: bool = False) -> dict[str, Any]:
+def run(
+    recipe: Recipe,
+    *,
+    overwrite: bool = False,
+    model: tf.keras.Model | None = None,
+    unsafe_load: bool = False,
+) -> dict[str, Any]:
     """Train `recipe` to the end (no early stopping) and write its results; return the summary.
+
+    Your own model: `model` (a functional or Sequential Larq model), or a saved one in
+    ``recipe.model_file``, is trained instead of the recipe's builder, made switchable
+    first (`bnn_keras.make_switchable`: the original is not changed), with the recipe's
+    optimiser, schedule, BN momentum, protocol, resume and output. Its input shape and
+    class count are checked against the dataset first; a model ending in softmax gets the
+    cross-entropy of probabilities. The model file is loaded as `bnn-keras export` loads
+    one: a file carrying code (a Lambda layer) is refused unless `unsafe_load`.
 
     Returns the dict written to ``summary.json`` plus ``history`` (the per-epoch rows)
     and ``output_dir``. The reported numbers are those of the binary stage for
@@ -105,22 +119,27 @@ def run(recipe: Recipe, *, overwrite: bool = False) -> dict[str, Any]:
         raise TypeError(f"run expects a Recipe, got {type(recipe).__name__}")
     started = time.perf_counter()
     _check_folders(recipe)
+    recipe, own = _own_model(recipe, model, unsafe_load)
     chief = recipe.strategy != "multi-worker" or bk_distribute.is_chief()
     folder = RunFolder(recipe.out)
     if not chief:  # never writes the folder; on a shared one it resumes from the chief's backup
         state = "finished" if (folder.out / "summary.json").exists() else "worker"
-        return _finished(recipe, folder, chief) if state == "finished" else _start(recipe, folder, chief, state, started)
+        if state == "finished":
+            return _finished(recipe, folder, chief)
+        return _start(recipe, folder, chief, state, started, own)
     with folder.lock():  # one run per folder: a second one is refused before anything is written
         state = folder.state(recipe, overwrite)
         if state == "finished":
             return _finished(recipe, folder, chief)
-        return _start(recipe, folder, chief, state, started)
+        return _start(recipe, folder, chief, state, started, own)
 
 
-def _start(recipe: Recipe, folder: RunFolder, chief: bool, state: str, started: float) -> dict[str, Any]:
+def _start(
+    recipe: Recipe, folder: RunFolder, chief: bool, state: str, started: float, own: tf.keras.Model | None
+) -> dict[str, Any]:
     strategy = _strategy(recipe.strategy)  # before any TensorFlow op: multi-worker sets up collectives first
     with _op_determinism(recipe.deterministic):
-        return _train(_Run.start(recipe, strategy, folder, chief), state, started)
+        return _train(_Run.start(recipe, strategy, folder, chief, own), state, started)
 
 
 def _train(run_: "_Run", state: str, started: float) -> dict[str, Any]:
@@ -174,14 +193,25 @@ class _Run:
     out_existed: bool
     rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     iterators: int = 0  # iterators of splits.train created in this process (see _skip_shuffles)
+    own: tf.keras.Model | None = None  # the user's model (`run(model=...)`, ``model_file``)
+    switched: dict[str, Any] | None = None  # what make_switchable did to it
 
     @classmethod
-    def start(cls, recipe: Recipe, strategy: tf.distribute.Strategy, folder: RunFolder, chief: bool) -> "_Run":
+    def start(
+        cls,
+        recipe: Recipe,
+        strategy: tf.distribute.Strategy,
+        folder: RunFolder,
+        chief: bool,
+        own: tf.keras.Model | None = None,
+    ) -> "_Run":
         """Seed, load the data, build and compile the first model: a bad setting fails before any write."""
         tf.keras.utils.set_random_seed(recipe.seed)  # before the pipelines: their shuffle seeds derive from it
         plan = bk_distribute.scaling_plan(strategy, recipe.batch_size, recipe.lr_start)
         splits = _load_data(recipe, plan.global_batch)
-        run_ = cls(recipe, strategy, folder, chief, plan, splits, None, folder.out.exists())
+        if own is not None:
+            _check_own_model(own, splits)
+        run_ = cls(recipe, strategy, folder, chief, plan, splits, None, folder.out.exists(), own=own)
         two_stage = recipe.schedule == "two-stage"
         with strategy.scope():
             run_.first = run_.build("float" if two_stage else recipe.variant, recipe.bn_momentum)
@@ -193,6 +223,16 @@ class _Run:
         return math.ceil(self.splits.train_size / self.plan.global_batch)
 
     def build(self, variant: str, bn_momentum: float) -> tf.keras.Model:
+        if self.own is not None:
+            from bnn_keras.switchable import make_switchable
+
+            model, report = make_switchable(self.own, report=True)
+            self.switched = report.to_dict()
+            for layer in _batch_norm_layers(model):
+                layer.momentum = bn_momentum
+            if self.recipe.verbose:
+                print(f"bnn-keras: your model, made switchable: {report.summary()}", flush=True)
+            return model
         return bk_models.get(self.recipe.model)(
             self.splits.input_shape,
             self.splits.num_classes,
@@ -204,7 +244,7 @@ class _Run:
         )
 
     def compile(self, model: tf.keras.Model, epochs: int, lr_scale: float) -> None:
-        _compile(model, self.recipe, epochs, self.steps_per_epoch, lr_scale)
+        _compile(model, self.recipe, epochs, self.steps_per_epoch, lr_scale, from_logits=not _ends_in_softmax(model))
 
     def fit_stage(
         self,
@@ -269,7 +309,9 @@ def _load_data(recipe: Recipe, global_batch: int) -> bk_data.DatasetSplits:
     return _shard_by_data(splits) if recipe.strategy == "multi-worker" else splits
 
 
-def _compile(model: tf.keras.Model, recipe: Recipe, epochs: int, steps_per_epoch: int, lr_scale: float) -> None:
+def _compile(
+    model: tf.keras.Model, recipe: Recipe, epochs: int, steps_per_epoch: int, lr_scale: float, from_logits: bool = True
+) -> None:
     if recipe.lr_schedule == "exponential":
         learning_rate: Any = bk_optimizers.ExponentialDecayPerEpoch(
             recipe.lr_start * lr_scale, recipe.lr_end * lr_scale, epochs, steps_per_epoch
@@ -284,7 +326,7 @@ def _compile(model: tf.keras.Model, recipe: Recipe, epochs: int, steps_per_epoch
         loss: Any = tf.keras.losses.SquaredHinge()
         accuracy: Any = tf.keras.metrics.CategoricalAccuracy(name="accuracy")
     else:
-        loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
         accuracy = tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")
     model.compile(optimizer=optimizer, loss=loss, metrics=[accuracy])
 
@@ -389,6 +431,7 @@ def _summary(
         "total_epochs": len(run_.rows),
         "switched_at_epoch": switched,
         **extra,
+        **({"own_model": run_.switched} if run_.switched is not None else {}),
         "train_size": splits.train_size,
         "validation_size": splits.validation_size,
         "test_size": splits.test_size,
@@ -410,7 +453,8 @@ def _write_results(run_: _Run, summary: dict[str, Any], switched: int | None, ex
         marks[f"clipping on from epoch {switched + 1}"] = switched
     if "stage_boundary_epoch" in extra:
         marks[f"binarised after epoch {extra['stage_boundary_epoch']}"] = extra["stage_boundary_epoch"]
-    title = f"{recipe.name}: {recipe.variant} {recipe.model}, {recipe.schedule}"
+    what = f"{recipe.variant} {recipe.model}" if run_.own is None else f"{run_.own.name} (your model)"
+    title = f"{recipe.name}: {what}, {recipe.schedule}"
     plots.plot_history(run_.rows, run_.folder.out / "curves.png", title=title, marks=marks)
     run_.folder.finish(summary)
     if recipe.verbose:
@@ -436,6 +480,89 @@ def _finished(recipe: Recipe, folder: RunFolder, chief: bool) -> dict[str, Any]:
     return {**summary, "history": rows, "output_dir": os.fspath(folder.out)}
 
 
+# --------------------------------------------------------------------------- your own model
+
+
+def _own_model(recipe: Recipe, model: tf.keras.Model | None, unsafe_load: bool) -> tuple[Recipe, tf.keras.Model | None]:
+    """The user's model (given, or loaded from ``model_file``) and the recipe with its fingerprint."""
+    if model is None and recipe.model_file is None:
+        return recipe, None
+    if model is not None and recipe.model_file is not None:
+        raise ValueError(f"run got a model and model_file {recipe.model_file!r}: expected one of them")
+    if model is not None:
+        if not isinstance(model, tf.keras.Model):
+            raise TypeError(f"run expects model to be a Keras model, got {type(model).__name__}")
+        digest = _model_digest(model)
+    else:
+        from bnn_keras.export.loading import load_model
+
+        model = load_model(recipe.model_file, unsafe_load=unsafe_load)
+        digest = _file_digest(recipe.model_file)
+    if recipe.model_sha256 not in (None, digest):
+        raise ValueError(
+            f"model_sha256 {recipe.model_sha256} does not match the model given, whose sha256 is {digest}"
+        )
+    return recipe.replace(model_sha256=digest), model
+
+
+def _file_digest(path: str) -> str:
+    """sha256 of a model file, or of a SavedModel folder's files (names and contents, in order)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    root = os.fspath(path)
+    files = [root] if os.path.isfile(root) else sorted(
+        os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names
+    )
+    for name in files:
+        digest.update(os.path.relpath(name, root).encode())
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _model_digest(model: tf.keras.Model) -> str:
+    """sha256 of a model's architecture (JSON) and weights: a resumed run must get the same model."""
+    import hashlib
+
+    digest = hashlib.sha256(model.to_json().encode())
+    for weight in model.get_weights():
+        digest.update(np.ascontiguousarray(weight).tobytes())
+    return digest.hexdigest()
+
+
+def _check_own_model(model: tf.keras.Model, splits: bk_data.DatasetSplits) -> None:
+    """One line naming both when the model's input or class count does not fit the dataset."""
+    try:
+        inputs, outputs = model.input_shape, model.output_shape
+    except (AttributeError, RuntimeError):
+        raise ValueError(f"model {model.name!r} has no known input shape: build it on an input first") from None
+    if isinstance(inputs, list) or isinstance(outputs, list):
+        raise ValueError(f"model {model.name!r} has several inputs or outputs: expected one of each")
+    expected = tuple(splits.input_shape)
+    given = tuple(inputs[1:])
+    if len(given) != len(expected) or any(g is not None and g != e for g, e in zip(given, expected)):
+        raise ValueError(
+            f"model {model.name!r} takes inputs of shape {given}, but dataset {splits.name!r} has {expected}"
+        )
+    if outputs[-1] != splits.num_classes:
+        raise ValueError(
+            f"model {model.name!r} has {outputs[-1]} outputs, but dataset {splits.name!r} has {splits.num_classes} classes"
+        )
+
+
+def _ends_in_softmax(model: tf.keras.Model) -> bool:
+    """Whether the model's output is a softmax (probabilities, not logits)."""
+    layer = model.layers[-1]
+    while isinstance(layer, tf.keras.Model) and layer.layers:
+        layer = layer.layers[-1]
+    if isinstance(layer, tf.keras.layers.Softmax):
+        return True
+    activation = getattr(layer, "activation", None)
+    return activation is tf.keras.activations.softmax or getattr(activation, "__name__", "") == "softmax"
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -455,8 +582,9 @@ def _announce(run_: _Run, done: int) -> None:
     if not recipe.verbose:
         return
     total = recipe.epochs + (recipe.pretrain_epochs if recipe.schedule == "two-stage" else 0)
+    what = f"{recipe.variant} {recipe.model}" if run_.own is None else f"your model {run_.own.name!r}"
     print(
-        f"bnn-keras: {recipe.name}: {recipe.variant} {recipe.model} on {splits.name} "
+        f"bnn-keras: {recipe.name}: {what} on {splits.name} "
         f"({splits.train_size} train / {splits.validation_size} val / {splits.test_size} test), "
         f"schedule {recipe.schedule}, {recipe.epochs} epochs -> {run_.folder.out}",
         flush=True,

@@ -133,7 +133,7 @@ def test_an_internal_value_error_is_reported_as_a_bug_not_as_bad_input(tmp_path,
 
     from bnn_keras import training
 
-    monkeypatch.setattr(training, "run", lambda recipe, overwrite=False: tf.convert_to_tensor([2 ** 70]))
+    monkeypatch.setattr(training, "run", lambda recipe, overwrite=False, **_: tf.convert_to_tensor([2 ** 70]))
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     import tempfile
 
@@ -150,7 +150,7 @@ def test_an_internal_value_error_is_reported_as_a_bug_not_as_bad_input(tmp_path,
 def test_bad_input_raised_by_bnn_keras_is_still_exit_2(capsys, monkeypatch):
     from bnn_keras import training
 
-    monkeypatch.setattr(training, "run", lambda recipe, overwrite=False: training.get_recipe("imagenet"))
+    monkeypatch.setattr(training, "run", lambda recipe, overwrite=False, **_: training.get_recipe("imagenet"))
     assert cli.main(["train", "mnist_mlp"]) == 2
     assert capsys.readouterr().err.startswith("bnn-keras: error: unknown recipe 'imagenet': expected one of ")
 

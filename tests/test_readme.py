@@ -18,3 +18,13 @@ def test_readme_python_example_runs(capsys):
     assert printed[0] == "[0.0, 0.0, 1.0]"
     assert printed[1] == "5"
     assert namespace["history"].history["lr"][2] == namespace["history"].history["lr"][0] * 0.1
+
+
+def test_readme_own_model_example_runs(capsys):
+    text = open(README, encoding="utf-8").read()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "make_switchable" in b)
+    exec(compile(block, "README.md", "exec"), {})
+    printed = [line for line in capsys.readouterr().out.splitlines() if line and not line.startswith("ClippingSchedule")]
+    promised = re.search(r"print\(report.summary\(\)\)\n# (.*)\n", block).group(1)
+    assert printed[0] == promised
+    assert printed[1] == "[0.0, 1.0]"
