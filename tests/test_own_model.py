@@ -121,3 +121,34 @@ def test_a_softmax_output_is_trained_as_probabilities():
     run_model = bnn_keras.make_switchable(model)
     training._compile(run_model, recipe, 1, 1, 1.0, from_logits=not training._ends_in_softmax(run_model))
     assert run_model.loss.get_config()["from_logits"] is False
+
+
+def test_a_killed_run_of_a_model_file_resumes_to_the_same_history(model_file, tmp_path):
+    """SIGKILLed mid-epoch 1 (the first clipped epoch), started again: the uninterrupted run's numbers."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=os.path.dirname(here) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    argv = ["train", "mnist_mlp", "--model-file", str(model_file), "--limit", "300", "--epochs", "3",
+            "--batch-size", "50", "--schedule", "vanilla-then-clipped", "--switch-epoch", "1", "--verbose", "0"]
+
+    def run(out, kill_at=None):
+        prefix = [sys.executable, "-m", "bnn_keras.cli"] if kill_at is None else [
+            sys.executable, os.path.join(here, "helpers", "killed_run.py"), kill_at]
+        done = subprocess.run(prefix + argv + ["--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == (0 if kill_at is None else -signal.SIGKILL), done.stderr[-2000:]
+
+    whole, pieces = tmp_path / "whole", tmp_path / "pieces"
+    run(whole)
+    run(pieces, "batch:1:2")
+    assert [r["epoch"] for r in json.loads((pieces / "history.json").read_text())] == [0]
+    run(pieces)
+    wall = {"epoch_time_s"}
+    rows = [[{k: v for k, v in r.items() if k not in wall} for r in json.loads((out / "history.json").read_text())]
+            for out in (whole, pieces)]
+    assert rows[0] == rows[1] and [r["clipping_phase"] for r in rows[0]] == [0.0, 1.0, 1.0]
+    assert json.loads((pieces / "summary.json").read_text())["resumed_at_epochs"] == [1]
