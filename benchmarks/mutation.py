@@ -58,10 +58,12 @@ class Target:
 
 TARGETS: dict[str, Target] = {
     "quantizers": Target(
-        "bnn_keras/quantizers.py", None, ("tests/test_quantizers.py", "tests/test_saving.py")
+        "bnn_keras/quantizers.py", None,
+        ("tests/test_quantizers.py", "tests/test_saving.py", "tests/test_make_switchable.py", "tests/test_bad_input_boundary.py"),
     ),
     "constraints": Target(
-        "bnn_keras/constraints.py", None, ("tests/test_constraints.py", "tests/test_saving.py")
+        "bnn_keras/constraints.py", None,
+        ("tests/test_constraints.py", "tests/test_saving.py", "tests/test_make_switchable.py", "tests/test_bad_input_boundary.py"),
     ),
     "switch": Target(
         "bnn_keras/_switch.py", None, ("tests/test_switching.py", "tests/test_saving.py", "tests/test_callbacks.py")
@@ -69,7 +71,7 @@ TARGETS: dict[str, Target] = {
     "callbacks": Target(
         "bnn_keras/callbacks.py",
         ("_improvement_op", "_batch_norm_layers", "ClippingSchedule", "BestValidation"),
-        ("tests/test_callbacks.py", "tests/test_schedule_edges.py"),
+        ("tests/test_callbacks.py", "tests/test_schedule_edges.py", "tests/test_bad_input_boundary.py"),
     ),
     "lr_schedules": Target(
         "bnn_keras/lr_schedules.py",
@@ -100,7 +102,13 @@ TARGETS: dict[str, Target] = {
     "export_verify": Target(
         "bnn_keras/export/verify.py",
         ("_agreement", "_failures", "check_flatbuffer"),
-        ("tests/test_export_agreement.py", "tests/test_export_verification.py", "tests/test_export.py"),
+        (
+            "tests/test_export_agreement.py", "tests/test_export_verification.py", "tests/test_export.py",
+            "tests/test_export_reliability.py", "tests/test_export_trust.py",
+        ),
+    ),
+    "own_model": Target(
+        "bnn_keras/switchable.py", None, ("tests/test_make_switchable.py", "tests/test_own_model.py")
     ),
 }
 

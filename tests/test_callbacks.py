@@ -328,3 +328,27 @@ def test_best_validation_evaluates_the_test_rows_silently(as_dataset, capfd):
     model.fit(X, Y, epochs=2, batch_size=16, verbose=0, callbacks=[best])
     assert capfd.readouterr().out == ""
     assert set(best.best_logs) >= {"test_loss", "test_accuracy"}
+
+
+def test_a_replayed_plateau_counter_carries_into_the_resumed_fit():
+    """Killed after epoch 2 with two epochs since the best: the resumed fit's first plateau epoch switches."""
+    model = build(lr=0.0)  # the loss never changes and never beats the replayed best
+    schedule = ClippingSchedule(monitor="loss", patience=3, verbose=0)
+    schedule.replay([{"loss": -1.0, "clipping_phase": 0.0}, {"loss": 5.0, "clipping_phase": 0.0},
+                     {"loss": 5.0, "clipping_phase": 0.0}], epochs=5)
+    history = model.fit(X, Y, epochs=5, initial_epoch=3, batch_size=64, verbose=0, callbacks=[schedule])
+    assert history.history["clipping_phase"] == [0.0, 1.0]  # afresh it would be [0.0, 0.0]
+    assert schedule.switched_at_epoch == 4
+
+
+def test_a_new_schedule_is_in_the_vanilla_phase_with_nothing_counted():
+    schedule = ClippingSchedule(patience=2, verbose=0)
+    assert (schedule.phase, schedule.switched_at_epoch) == (0, None)
+
+
+def test_replay_skips_rows_without_the_monitored_value():
+    """Rows of a stage without validation (no val_loss) neither improve nor count as a plateau."""
+    schedule = ClippingSchedule(monitor="val_loss", patience=2, verbose=0)
+    schedule.replay([{"loss": 1.0, "clipping_phase": 0.0}, {"val_loss": 0.5, "clipping_phase": 0.0},
+                     {"loss": 0.9, "clipping_phase": 0.0}])
+    assert (schedule._best, schedule._wait, schedule.switched_at_epoch) == (0.5, 0, None)

@@ -376,3 +376,25 @@ def test_verification_sizes_and_advice_name_export_flags(tmp_path, capsys, monke
     status, err = _export(capsys, two, "--out", out)
     assert status == 2 and "single-input models only, 'two' has 2; use --no-verify" in err and "verify=False" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.keras", "two.keras"]
+
+
+def test_the_allowed_difference_grows_with_outputs_larger_than_one():
+    model = _dense(1, seed=4, bias=6.0, name="large")
+    x = np.random.default_rng(7).standard_normal((32, IN)).astype(np.float32)
+    flatbuffer = export.convert(model, "tflite", verify=False).flatbuffer
+    v = check_flatbuffer(model, flatbuffer, "tflite", x, "given", min_top1=0.99, max_abs_diff=None)
+    largest = float(np.max(np.abs(model.predict(x, verbose=0))))
+    assert largest > 4.0
+    assert v["value_outputs"]["head"]["allowed"] == pytest.approx(1e-3 * largest)
+
+
+def test_max_wrong_share_is_an_inclusive_bound():
+    """Every input off (a constant shift: top-1 still agrees): passes only at max_wrong_share 1.0."""
+    model, twin = _dense(10, seed=2, bias=0.0, name="classes"), _dense(10, seed=2, bias=0.5, name="twin")
+    x = np.random.default_rng(3).standard_normal((20, IN)).astype(np.float32)
+    flatbuffer = export.convert(model, "tflite", verify=False).flatbuffer
+    v = check_flatbuffer(twin, flatbuffer, "tflite", x, "given", min_top1=0.99, max_abs_diff=None, output_rtol=1e-4, max_wrong_share=1.0)
+    assert v["class_values"]["head"]["wrong_inputs"] == 1.0 and v["top1_agreement"] == 1.0
+    with pytest.raises(export.ExportVerificationError, match=r"on 100% of inputs \(> 99%\)"):
+        check_flatbuffer(twin, flatbuffer, "tflite", x, "given", min_top1=0.99, max_abs_diff=None, output_rtol=1e-4,
+                         max_wrong_share=0.99)
