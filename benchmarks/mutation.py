@@ -84,7 +84,7 @@ TARGETS: dict[str, Target] = {
     "models": Target(
         "bnn_keras/models.py",
         ("_Binariser", "mlp", "vgg10", "_weighted_layers", "_bn_variables", "copy_weights"),
-        ("tests/test_models.py",),
+        ("tests/test_models.py", "tests/test_bad_input_boundary.py"),
     ),
     "best_epoch": Target(
         "bnn_keras/run_folder.py",

@@ -268,3 +268,15 @@ def test_copy_weights_copies_every_variable_of_every_layer(builder, kwargs, vari
     for src, dst in pairs:
         np.testing.assert_array_equal(_latent(dst), src.numpy(), err_msg=src.name)
     assert all(s.clipping_enabled for s in bk.find_switchables(target))  # flags untouched
+
+
+@pytest.mark.parametrize("builder, kwargs", [(models.mlp, {"hidden_units": (8,)}), (models.vgg10, {"width_multiplier": 0.0625})])
+def test_builders_use_plain_batch_norm_unless_asked_to_synchronise(builder, kwargs):
+    shape = (28, 28, 1) if builder is models.mlp else (32, 32, 3)
+    plain = builder(shape, 10, **kwargs)
+    synced = builder(shape, 10, synchronized_bn=True, **kwargs)
+    def synchronised(model):
+        return [layer.synchronized for layer in model.layers if isinstance(layer, tf.keras.layers.BatchNormalization)]
+
+    assert synchronised(plain) and not any(synchronised(plain))  # one device: no cross-replica reduction
+    assert all(synchronised(synced)) and len(synchronised(synced)) == len(synchronised(plain))

@@ -525,3 +525,37 @@ def test_piecewise_boundaries_must_strictly_increase_from_zero(boundaries):
 
     with pytest.raises(ValueError, match=r"boundaries_epochs must be increasing and >= 0"):
         PiecewiseConstantPerEpoch(boundaries, [1.0] * (len(boundaries) + 1), steps_per_epoch=3)
+
+
+@pytest.mark.parametrize("mode", ["gradient", "update"])
+def test_layerwise_takes_a_zip_and_none_gradients_as_keras_optimisers_do(mode):
+    """Keras code passes `zip(grads, vars)` (an iterator) and None for unused variables."""
+    used, unused = tf.Variable([1.0, 2.0], name="used"), tf.Variable([5.0], name="unused")
+    opt = LayerwiseLrScaling(tf.keras.optimizers.SGD(0.1), multipliers={"": 3.0}, mode=mode)
+    opt.apply_gradients(zip([tf.constant([1.0, -1.0]), None], [used, unused]))
+    np.testing.assert_allclose(used.numpy(), [1.0 - 0.3, 2.0 + 0.3], rtol=1e-6)  # 0.1 x 3 x gradient
+    assert unused.numpy().tolist() == [5.0]
+
+
+def test_layerwise_scales_sparse_gradients_of_gathered_rows():
+    table = tf.Variable(np.ones((4, 2), np.float32), name="embedding")
+    opt = LayerwiseLrScaling(tf.keras.optimizers.SGD(0.5), multipliers={"embedding": 4.0}, mode="gradient")
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.gather(table, [1, 3]))
+    gradient = tape.gradient(loss, table)
+    assert isinstance(gradient, tf.IndexedSlices)
+    opt.apply_gradients([(gradient, table)])
+    np.testing.assert_allclose(table.numpy(), [[1, 1], [-1, -1], [1, 1], [-1, -1]], rtol=1e-6)  # 1 - 0.5 x 4 x 1
+
+
+def test_layerwise_set_weights_sets_the_inner_optimiser_state():
+    variable = tf.Variable([1.0, 2.0])
+    trained = LayerwiseLrScaling(tf.keras.optimizers.Adam(1e-2))
+    trained.apply_gradients([(tf.constant([0.3, -0.2]), variable)])
+    fresh = LayerwiseLrScaling(tf.keras.optimizers.Adam(1e-2))
+    fresh.build([variable])
+    fresh.set_weights([v.numpy() for v in trained.variables])
+    assert len(fresh.variables) == 3  # iterations, m, v
+    for a, b in zip(fresh.variables, trained.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert int(fresh.iterations.numpy()) == 1

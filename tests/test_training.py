@@ -307,3 +307,9 @@ def test_override_merges_model_and_optimizer_kwargs():
     vgg = training.RECIPES["mnist_mlp"].override(model="vgg10", model_kwargs={"width_multiplier": 0.5})
     assert vgg.model_kwargs == {"width_multiplier": 0.5}  # the MLP's hidden_units dropped
     assert training.RECIPES["mnist_mlp"].out == training.RECIPES["mnist_mlp"].out.__class__("runs/mnist_mlp")
+
+
+def test_the_best_row_is_the_first_of_tied_best_epochs():
+    rows = [{"val_accuracy": 0.5}, {"val_accuracy": 0.7}, {"val_accuracy": 0.6}, {"val_accuracy": 0.7}]
+    assert training._best_row(rows) == (1, rows[1])
+    assert training._best_row(rows, "val_accuracy")[0] == 1
