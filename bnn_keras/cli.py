@@ -173,15 +173,25 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+_EXECUTOR_FLAGS = ("executor", "ray_address", "gpus_per_run", "cpus_per_run")
+
+
 def _study(args: argparse.Namespace) -> int:
     from bnn_keras import study, training
 
+    executor = {name: getattr(args, name) for name in _EXECUTOR_FLAGS}
+    for name in _EXECUTOR_FLAGS:  # not recipe settings
+        delattr(args, name)
     base = training.get_recipe(args.recipe)
     if args.quick:
         base = study.quick(base)
     base = _recipe(base, args)
     seeds = args.seeds if args.seeds is not None else (study.QUICK_SEEDS if args.quick else 3)
-    study.run_study(args.out, base, tables=args.tables, seeds=seeds)
+    result = study.run_study(args.out, base, tables=args.tables, seeds=seeds, **executor)
+    if result["failed"]:
+        runs = sum(result[k] for k in ("trained", "skipped", "copied", "failed"))
+        print(f"{PROG}: error: {result['failed']} of {runs} runs failed: their reasons are in {Path(args.out) / 'tables.md'}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -243,7 +253,12 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     grid.add_argument("--quick", action="store_true", help=f"small enough for a laptop CPU in minutes: embedded data, 2x128 MLP (or 1/16-width VGG-10), 3 epochs, {study.QUICK_SEEDS} seeds")
     grid.add_argument("--tables", nargs="+", choices=list(study.TABLES), default=None, metavar="TABLE", help=f"tables to run (default: all): {', '.join(study.TABLES)}")
     grid.add_argument("--seeds", type=_typed(Rule("int", 1)), default=None, metavar="N", help=f"seeds 0..N-1 per cell (default: 3, or {study.QUICK_SEEDS} with --quick)")
-    grid.add_argument("--out", default="runs/study", metavar="DIR", help="study folder (default: runs/study)")
+    grid.add_argument("--out", default="runs/study", metavar="DIR", help="study folder (default: runs/study); with --executor ray, on a filesystem every node sees at the same path")
+    spread = grid.add_argument_group("executor")
+    spread.add_argument("--executor", choices=study.EXECUTORS, default="local", help="local: the runs one after another in this process (default); ray: each run a Ray task, in parallel, retried when its worker dies (needs: " + study.RAY_INSTALL + ")")
+    spread.add_argument("--ray-address", default=None, metavar="ADDR", help="ray: join the cluster 'ray start --head' started (HOST:6379, or auto); default: start a local Ray instance")
+    spread.add_argument("--gpus-per-run", type=_typed(Rule("number", 0)), default=None, metavar="G", help="ray: GPUs each run asks for (default 0; a fraction shares a GPU)")
+    spread.add_argument("--cpus-per-run", type=_typed(Rule("number", 0, low_open=True)), default=None, metavar="C", help="ray: CPUs each run asks for (default 1)")
     _add_recipe_flags(grid, study=True)
     grid.set_defaults(handler=_study)
 

@@ -30,24 +30,40 @@ from bnn_keras import study
 results = study.run_study("runs/study", study.quick(), tables=["clipping"], seeds=2)
 print(open("runs/study/tables.md").read())
 ```
+
+Executors (`EXECUTORS`): ``"local"`` trains the runs one after another in this process;
+``"ray"`` trains each run as one Ray task (``pip install "bnn-keras[ray]"``), on a
+local Ray instance or on the cluster at ``ray_address``, so the cells train in parallel.
+Only plain data travels (the recipe's `Recipe.to_dict` out, the summary back); every
+node reads and writes the run folders itself, so ``out`` must be a folder every node sees
+at the same path. A task whose worker dies is retried (``max_retries``) and the retry
+resumes from the run's backup; a run that raises (bad data, a diverged loss) is recorded
+as failed, with its reason, in ``tables.md`` while the other runs finish. The tables are
+the same as the local executor's: they are built in grid order, whatever order the runs
+finish in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import sys
+import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from bnn_keras import files, run_folder, training
-from bnn_keras.recipe import RECIPES, Recipe
+from bnn_keras.recipe import RECIPES, Recipe, Rule
 
 __all__ = [
+    "EXECUTORS",
     "OPTIMIZER_LR",
+    "RAY_INSTALL",
     "QUICK_SEEDS",
     "TABLES",
     "Table",
@@ -282,6 +298,20 @@ def _read_history(recipe: Recipe) -> list[dict[str, Any]]:
     return files.read_json(path, "use another output folder or delete it") if path.exists() else []
 
 
+EXECUTORS = ("local", "ray")
+"""Where a study's runs train: one after another in this process, or as Ray tasks in parallel."""
+
+RAY_INSTALL = 'pip install "bnn-keras[ray]"'
+"""The command that installs what the ``ray`` executor needs."""
+
+Train = Callable[[Recipe], Mapping[str, Any]]
+"""What trains one run: a recipe in, its summary out (`training.run` by default)."""
+
+_CPUS = Rule("number", 0, low_open=True)
+_GPUS = Rule("number", 0)
+_RETRIES = Rule("int", 0)
+
+
 def run_study(
     out: str | os.PathLike,
     base: Recipe,
@@ -289,94 +319,331 @@ def run_study(
     tables: Iterable[str | Table] | None = None,
     seeds: int | Sequence[int] = 3,
     verbose: int = 1,
+    executor: str = "local",
+    ray_address: str | None = None,
+    gpus_per_run: float | None = None,
+    cpus_per_run: float | None = None,
+    max_retries: int = 3,
+    train: Train | None = None,
 ) -> dict[str, Any]:
     """Train (or read back) every cell x seed of `tables` and write ``tables.md`` and figures.
 
     Args:
-        out: the study folder.
+        out: the study folder. With executor "ray" every node must see it at the same path
+            (a shared filesystem); a relative path is taken from this process's folder.
         base: the settings every cell starts from (each cell overrides a few).
         tables: keys of `TABLES` (default: all) or your own `Table` objects.
         seeds: a count (seeds 0..n-1) or the seeds themselves.
-        verbose: 1 prints one line per run; the runs' own verbosity is ``base.verbose``.
+        verbose: 1 prints one line per finished run and a final count; the runs' own
+            verbosity is ``base.verbose`` (with "ray", a started Ray forwards the runs'
+            lines when it is above 0).
+        executor: "local" (one run after another here; a failing run stops the study) or
+            "ray" (each run one Ray task; a failing run is recorded as failed).
+        ray_address: "ray" only: join the Ray cluster there (``HOST:6379``, or "auto")
+            instead of starting a local Ray instance; None with Ray already initialised in
+            this process uses that one.
+        gpus_per_run, cpus_per_run: "ray" only: what each run asks Ray for (default 0 GPUs,
+            1 CPU; a fraction of a GPU shares one). A run with GPUs gets a fresh worker
+            process, so that TensorFlow sees the GPU Ray gave it.
+        max_retries: "ray" only: how often a run whose worker died (a killed process, a lost
+            node) starts again; it resumes after its last finished epoch.
+        train: what trains one run (default `training.run`); with "ray" it travels to the
+            workers, so it must pickle.
 
     Returns:
         ``{"tables": {key: {cell: [summary per seed]}}, "trained": n, "skipped": n,
-        "copied": n, "markdown": str}``.
+        "copied": n, "failed": n, "failures": {run name: reason}, "markdown": str}``.
     """
     if os.fspath(out) == "":
         raise ValueError('the study folder (--out) is an empty path: expected a folder name ("" would mean the current folder)')
-    out = Path(out)
+    _check_executor(executor, ray_address, gpus_per_run, cpus_per_run, max_retries)
+    out = Path(os.path.abspath(out) if executor == "ray" else out)
     chosen = _resolve(TABLES if tables is None else tables)
-    keys = list(chosen)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
         raise ValueError("seeds must name at least one seed")
     grid = cell_recipes(out, base, chosen.values(), seed_list)  # validates every cell before training any
     with files.own_folder(out):  # one study per folder: a second one is refused before anything is written
-        return _run_grid(out, grid, keys, chosen, base, seed_list, verbose)
-
-
-def _run_grid(
-    out: Path,
-    grid: list[tuple[str, str, int, Recipe]],
-    keys: list[str],
-    chosen: Mapping[str, Table],
-    base: Recipe,
-    seed_list: list[int],
-    verbose: int,
-) -> dict[str, Any]:
-    """Train or read back every cell of `grid` (the folder is owned), then write tables and figures."""
-    results: dict[str, dict[str, list[dict[str, Any]]]] = {k: {} for k in keys}
-    curves: dict[str, dict[str, list[list[float]]]] = {k: {} for k in keys}
-    done: dict[str, Path] = {}
-    counts = {"trained": 0, "skipped": 0, "copied": 0}
-    markdown = render_tables(results, base, seed_list, chosen)
-    for index, (key, cell, seed, recipe) in enumerate(grid, start=1):
-        settings = json.dumps(run_folder.settings(recipe.to_dict()), sort_keys=True)
-        summary = _read_summary(recipe)
-        if summary is not None:
-            action = "skipped"
-        elif settings in done:
-            shutil.copytree(done[settings], recipe.out, dirs_exist_ok=True)
-            summary = files.read_json(recipe.out / "summary.json")
-            summary["recipe"] = recipe.to_dict()
-            files.write_json(recipe.out / "summary.json", summary)
-            action = "copied"
+        study = _Grid(out, grid, chosen, base, seed_list, verbose)  # reads back (and checks) finished runs
+        if executor == "local":
+            study.train_here(train)
         else:
-            summary = training.run(recipe)
-            summary.pop("history", None)
-            action = "trained"
-        counts[action] += 1
-        done.setdefault(settings, recipe.out)
-        results[key].setdefault(cell, []).append(summary)
-        curves[key].setdefault(cell, []).append(
-            [row.get("val_accuracy") for row in _read_history(recipe)]
+            resources = {"num_cpus": 1 if cpus_per_run is None else cpus_per_run, "num_gpus": gpus_per_run or 0}
+            with _ray_session(ray_address, log_to_driver=base.verbose > 0) as (ray, started):
+                study.train_on_ray(ray, started, resources, max_retries, train)
+        return study.finish()
+
+
+def _check_executor(
+    executor: str, ray_address: str | None, gpus_per_run: float | None, cpus_per_run: float | None, max_retries: int
+) -> None:
+    """One line for an unknown executor, a Ray option without executor "ray", a bad number, or no Ray."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"unknown executor {executor!r}: expected one of {', '.join(map(repr, EXECUTORS))}")
+    options = {"ray_address": ray_address, "gpus_per_run": gpus_per_run, "cpus_per_run": cpus_per_run}
+    given = [name for name, value in options.items() if value is not None]
+    if executor == "local" and given:
+        flags = ", ".join(f"{name} (--{name.replace('_', '-')})" for name in given)
+        verb = "is" if len(given) == 1 else "are"
+        raise ValueError(f"{flags} {verb} for executor 'ray' only: expected executor 'ray', got {executor!r}")
+    if executor == "local":
+        return
+    if ray_address is not None and (not isinstance(ray_address, str) or not ray_address.strip()):
+        raise ValueError(f"ray_address must be a Ray cluster address (HOST:PORT or 'auto'), got {ray_address!r}")
+    if cpus_per_run is not None:
+        _CPUS.check("cpus_per_run", cpus_per_run)
+    if gpus_per_run is not None:
+        _GPUS.check("gpus_per_run", gpus_per_run)
+        if gpus_per_run > 1 and gpus_per_run != int(gpus_per_run):
+            raise ValueError(f"gpus_per_run must be a fraction of one GPU or a whole number, got {gpus_per_run!r}")
+    _RETRIES.check("max_retries", max_retries)
+    _import_ray(local=ray_address is None)  # before anything is read or written: no Ray ends the study at once
+
+
+def _import_ray(local: bool = False) -> Any:
+    """Ray, or one line naming the install command; `local`: its node address is the loopback one."""
+    if local and "ray" not in sys.modules:  # read once, on import: Ray's default is the address others reach
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    try:
+        import ray
+    except ImportError:
+        raise ValueError(f"executor 'ray' needs the ray package, which is not installed: install it with {RAY_INSTALL}") from None
+    return ray
+
+
+@contextlib.contextmanager
+def _ray_session(address: str | None, log_to_driver: bool) -> Iterator[tuple[Any, bool]]:
+    """Ray, initialised: the instance this process already holds, or one started here (and shut down)."""
+    ray = _import_ray(local=address is None)
+    if ray.is_initialized():
+        yield ray, False
+        return
+    options: dict[str, Any] = {"log_to_driver": log_to_driver, "logging_level": "warning"}
+    if address is None:  # this machine only: nothing listens beyond the loopback interface
+        options.update(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+    try:
+        ray.init(**({"address": address} if address is not None else {}), **options)
+    except Exception as error:  # a wrong or unreachable address; Ray raises several kinds
+        what = "start a local Ray instance" if address is None else f"join the Ray cluster at {address!r}"
+        expected = "" if address is None else ": expected the address 'ray start --head' printed (HOST:6379)"
+        raise ValueError(f"cannot {what} ({type(error).__name__}: {_one_line(error)[:300]}){expected}") from None
+    try:
+        yield ray, True
+    finally:
+        ray.shutdown()
+
+
+_BUSY_WAIT_S = 60.0
+"""How long a Ray task waits for its run folder's lock: a killed driver's workers take a moment to stop."""
+
+
+def _ray_run(recipe: dict[str, Any], train: Train | None) -> dict[str, Any]:
+    """One run in a Ray worker: the recipe as plain data in; its summary (no history) and seconds out.
+
+    A run folder locked by another process (a worker of a killed driver, still being stopped:
+    a study folder has one driver) is waited for, up to `_BUSY_WAIT_S`.
+    """
+    started = time.perf_counter()
+    while True:
+        try:
+            summary = dict((train if train is not None else training.run)(Recipe.from_dict(recipe)))
+            break
+        except files.BusyError:
+            if time.perf_counter() - started > _BUSY_WAIT_S:
+                raise
+            time.sleep(1.0)
+    summary.pop("history", None)
+    return {"summary": summary, "seconds": time.perf_counter() - started}
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _reason(error: BaseException) -> str:
+    """Why a run failed, in one line: the exception's type and message."""
+    return f"{type(error).__name__}: {_one_line(error)}"
+
+
+@dataclasses.dataclass
+class _Entry:
+    """One (table, cell, seed) run of the grid and what became of it."""
+
+    index: int
+    key: str
+    cell: str
+    seed: int
+    recipe: Recipe
+    action: str  # "skipped" (finished before), "copied" (the same settings as entry `source`), "trained"
+    source: int | None = None
+    summary: dict[str, Any] | None = None
+    failure: str | None = None
+    seconds: float | None = None
+
+
+class _Grid:
+    """A study's runs in grid order, their progress lines, and ``tables.md`` rewritten as they finish."""
+
+    def __init__(
+        self, out: Path, grid: list[tuple[str, str, int, Recipe]], chosen: Mapping[str, Table],
+        base: Recipe, seeds: list[int], verbose: int,
+    ) -> None:
+        self.out, self.chosen, self.base, self.seeds, self.verbose = out, chosen, base, seeds, verbose
+        self.entries: list[_Entry] = []
+        sources: dict[str, int] = {}  # settings -> the first entry with them
+        for index, (key, cell, seed, recipe) in enumerate(grid):
+            settings = json.dumps(run_folder.settings(recipe.to_dict()), sort_keys=True)
+            summary = _read_summary(recipe)
+            action = "skipped" if summary is not None else "copied" if settings in sources else "trained"
+            source = sources[settings] if action == "copied" else None
+            self.entries.append(_Entry(index, key, cell, seed, recipe, action, source, summary))
+            sources.setdefault(settings, index)
+        self.counts = {"trained": 0, "skipped": 0, "copied": 0, "failed": 0}
+        self.reported = 0
+        self.markdown = self.render()
+
+    def train_here(self, train: Train | None) -> None:
+        """The local executor: every run in grid order, in this process; a failing run raises."""
+        for entry in self.entries:
+            if entry.action == "trained":
+                started = time.perf_counter()
+                summary = dict((train if train is not None else training.run)(entry.recipe))
+                summary.pop("history", None)
+                entry.summary, entry.seconds = summary, time.perf_counter() - started
+            elif entry.action == "copied":
+                self.copy(entry)
+            self.report(entry)
+
+    def train_on_ray(
+        self, ray: Any, started: bool, resources: dict[str, float], max_retries: int, train: Train | None
+    ) -> None:
+        """The Ray executor: one task per run to train, reported as they finish, copies after their source."""
+        self._check_resources(ray, started, resources)
+        for entry in self.entries:  # what needs no training first
+            if entry.action == "skipped" or (entry.action == "copied" and self.entries[entry.source].action == "skipped"):
+                if entry.action == "copied":
+                    self.copy(entry)
+                self.report(entry)
+        env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"), "TF_USE_LEGACY_KERAS": "1"}
+        if 0 < resources["num_gpus"] < 1:  # runs share a GPU: none may take all its memory
+            env["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"
+        task = ray.remote(_ray_run).options(
+            **resources,
+            max_retries=max_retries,
+            retry_exceptions=False,  # a run that raised raises again: bad data, a diverged loss
+            runtime_env={"env_vars": env},
+            **({"max_calls": 1} if resources["num_gpus"] else {}),
         )
-        if verbose:
+        pending = {task.remote(e.recipe.to_dict(), train): e for e in self.entries if e.action == "trained"}
+        try:
+            while pending:
+                (ready,), _ = ray.wait(list(pending), num_returns=1)
+                self._finished(ray, pending.pop(ready), ready, max_retries)
+        except BaseException:  # Ctrl-C, a full disk: stop the runs still going (they resume next time)
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
+
+    def _finished(self, ray: Any, entry: _Entry, ref: Any, max_retries: int) -> None:
+        """A Ray task ended: its summary or its failure, then the runs that copy it."""
+        try:
+            result = ray.get(ref)
+            entry.summary, entry.seconds = result["summary"], result["seconds"]
+        except ray.exceptions.RayTaskError as error:  # the run raised
+            entry.failure = _reason(error.cause if isinstance(error.cause, BaseException) else error)
+        except ray.exceptions.RayError as error:  # its worker or node died once more than max_retries
+            entry.failure = f"{type(error).__name__} after {max_retries} retries: {_one_line(error)[:200]}"
+        self.report(entry)
+        for copy in self.entries:
+            if copy.source == entry.index:
+                self.copy(copy)
+                self.report(copy)
+
+    def _check_resources(self, ray: Any, started: bool, resources: dict[str, float]) -> None:
+        """A run that asks for more than the cluster has never starts: refuse it (a started Ray) or warn."""
+        total = ray.cluster_resources()
+        for name, key, flag in (("CPU", "num_cpus", "--cpus-per-run"), ("GPU", "num_gpus", "--gpus-per-run")):
+            have, need = total.get(name, 0.0), resources[key]
+            if need > have:
+                message = f"each run asks for {need:g} {name}(s) ({flag}) but the Ray cluster has {have:g}: expected at most {have:g}"
+                if started:
+                    raise ValueError(message)
+                print(f"study: warning: {message} (the runs wait until the cluster grows)", file=sys.stderr, flush=True)
+
+    def copy(self, entry: _Entry) -> None:
+        """A run with the settings of an earlier one: copy that one's folder (or its failure)."""
+        source = self.entries[entry.source]
+        if source.summary is None:
+            entry.failure = source.failure
+            return
+        shutil.copytree(source.recipe.out, entry.recipe.out, dirs_exist_ok=True)
+        summary = files.read_json(entry.recipe.out / "summary.json")
+        summary["recipe"] = entry.recipe.to_dict()
+        files.write_json(entry.recipe.out / "summary.json", summary)
+        entry.summary = summary
+
+    def report(self, entry: _Entry) -> None:
+        """A run is done: count it, print its line, rewrite tables.md."""
+        self.reported += 1
+        self.counts["failed" if entry.failure is not None else entry.action] += 1
+        if self.verbose:
+            print(self._line(entry), flush=True)
+        self.markdown = self.render()
+        files.write_text(self.out / "tables.md", self.markdown)
+
+    def _line(self, entry: _Entry) -> str:
+        head = f"study [{self.reported}/{len(self.entries)}] {entry.key}/{entry.cell}/seed{entry.seed}"
+        if entry.failure is not None:
+            return f"{head}: failed: {entry.failure}"
+        summary = entry.summary
+        epochs = summary.get("total_epochs", entry.recipe.epochs)
+        took = f" in {entry.seconds:.1f} s" if entry.seconds is not None else ""
+        return (
+            f"{head}: {entry.action}, test error {100 * summary['test_error_at_best']:.2f}% at best-val epoch "
+            f"{summary['best_epoch_1based']}, {epochs} epoch{'s' if epochs != 1 else ''}{took}"
+        )
+
+    def results(self) -> dict[str, dict[str, list[dict[str, Any]]]]:
+        """The finished runs' summaries by table and cell, in grid order (whatever order they finished in)."""
+        results: dict[str, dict[str, list[dict[str, Any]]]] = {key: {} for key in self.chosen}
+        for entry in self.entries:
+            if entry.summary is not None:
+                results[entry.key].setdefault(entry.cell, []).append(entry.summary)
+        return results
+
+    def failures(self) -> dict[str, str]:
+        return {e.recipe.name: e.failure for e in self.entries if e.failure is not None}
+
+    def render(self) -> str:
+        return render_tables(self.results(), self.base, self.seeds, self.chosen, failures=self.failures())
+
+    def finish(self) -> dict[str, Any]:
+        """The figures (from the runs' history files), the final count line, the result."""
+        from bnn_keras import plots
+
+        for key, table in self.chosen.items():
+            curves: dict[str, list[list[float]]] = {}
+            for entry in self.entries:
+                if entry.key == key and entry.summary is not None:
+                    rows = _read_history(entry.recipe)
+                    curves.setdefault(entry.cell, []).append([np.nan if r.get("val_accuracy") is None else r["val_accuracy"] for r in rows])
+            if not curves:  # every run of the table failed: nothing to draw
+                continue
+            plots.plot_curves(
+                curves,
+                self.out / f"{key}.png",
+                ylabel="validation accuracy",
+                title=f"{table.title} ({len(self.seeds)} seed{'s' if len(self.seeds) > 1 else ''})",
+            )
+        counts = self.counts
+        if self.verbose:
+            failed = f", {counts['failed']} failed (reasons in tables.md)" if counts["failed"] else ""
             print(
-                f"study [{index}/{len(grid)}] {key}/{cell}/seed{seed}: {action}, test error "
-                f"{100 * summary['test_error_at_best']:.2f}% at best-val epoch {summary['best_epoch_1based']}",
+                f"study: {counts['trained']} trained, {counts['skipped']} already done, "
+                f"{counts['copied']} copied{failed}; wrote {self.out / 'tables.md'}",
                 flush=True,
             )
-        markdown = render_tables(results, base, seed_list, chosen)
-        files.write_text(out / "tables.md", markdown)
-
-    from bnn_keras import plots
-
-    for key in keys:
-        plots.plot_curves(
-            {cell: [[np.nan if v is None else v for v in run] for run in runs] for cell, runs in curves[key].items()},
-            out / f"{key}.png",
-            ylabel="validation accuracy",
-            title=f"{chosen[key].title} ({len(seed_list)} seed{'s' if len(seed_list) > 1 else ''})",
-        )
-    if verbose:
-        print(
-            f"study: {counts['trained']} trained, {counts['skipped']} already done, "
-            f"{counts['copied']} copied; wrote {out / 'tables.md'}",
-            flush=True,
-        )
-    return {"tables": results, **counts, "markdown": markdown}
+        return {"tables": self.results(), **counts, "failures": self.failures(), "markdown": self.markdown}
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -405,12 +672,18 @@ def render_tables(
     base: Recipe,
     seeds: Sequence[int],
     tables: Mapping[str, Table] | None = None,
+    *,
+    failures: Mapping[str, str] | None = None,
 ) -> str:
     """The study's tables as Markdown: mean +- std test error and mean best-val epoch per cell.
 
-    `tables` gives the `Table` of each key of `results` (default: `TABLES`).
+    `tables` gives the `Table` of each key of `results` (default: `TABLES`). `failures`
+    (run name ``table/cell/seedK`` -> one-line reason) are listed after the tables; a cell
+    whose every run failed reads "failed".
     """
     tables = TABLES if tables is None else tables
+    failures = {} if failures is None else failures
+    failed_cells = {name.rpartition("/seed")[0] for name in failures}
     lines = [
         "# Binary-network optimisation study: results",
         "",
@@ -429,13 +702,13 @@ def render_tables(
             lines.append("|---" * (len(names) + 1) + "|")
             lines.append(
                 f"| test error, this study (n={max((len(v) for v in cells.values()), default=0)}) | "
-                + " | ".join(_error_cell(cells[n]) if n in cells else "—" for n in names)
+                + " | ".join(_error_cell(cells[n]) if n in cells else _missing(key, n, failed_cells) for n in names)
                 + " |"
             )
             lines.append(
                 "| best-val epoch (mean) | "
                 + " | ".join(
-                    f"{np.mean([s['best_epoch_1based'] for s in cells[n]]):.1f}" if n in cells else "—"
+                    f"{np.mean([s['best_epoch_1based'] for s in cells[n]]):.1f}" if n in cells else _missing(key, n, failed_cells)
                     for n in names
                 )
                 + " |"
@@ -451,7 +724,8 @@ def render_tables(
                 runs = cells.get(name, [])
                 paper = "; ".join(f"{d}: {v[name]}" for d, v in table.paper.items() if name in v) or "—"
                 if not runs:
-                    lines.append(f"| {name} | — | — | — | {paper} |")
+                    missing = _missing(key, name, failed_cells)
+                    lines.append(f"| {name} | {missing} | {missing} | {missing} | {paper} |")
                     continue
                 val, _ = _mean_std([100 * s["best_val_accuracy"] for s in runs])
                 test, _ = _mean_std([100 * s["test_accuracy_at_best"] for s in runs])
@@ -461,4 +735,12 @@ def render_tables(
                 "",
                 "Two-stage: the best-val epoch counts fine-tuning epochs after binarisation.",
             ]
+    if failures:
+        lines += ["", f"## Failed runs ({len(failures)})", "", "Not in the tables above; the same study again trains them again.", ""]
+        lines += [f"- `{name}`: {reason}" for name, reason in failures.items()]
     return "\n".join(lines) + "\n"
+
+
+def _missing(key: str, cell: str, failed_cells: set[str]) -> str:
+    """What a table shows for a cell without finished runs: "failed" if its runs failed, else a dash."""
+    return "failed" if f"{key}/{cell}" in failed_cells else "—"
