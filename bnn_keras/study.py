@@ -45,19 +45,17 @@ finish in.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from bnn_keras import files, run_folder, training
+from bnn_keras import files, run_folder, study_ray, training
 from bnn_keras.recipe import RECIPES, Recipe, Rule
 
 __all__ = [
@@ -301,11 +299,10 @@ def _read_history(recipe: Recipe) -> list[dict[str, Any]]:
 EXECUTORS = ("local", "ray")
 """Where a study's runs train: one after another in this process, or as Ray tasks in parallel."""
 
-RAY_INSTALL = 'pip install "bnn-keras[ray]"'
+RAY_INSTALL = study_ray.RAY_INSTALL
 """The command that installs what the ``ray`` executor needs."""
 
-Train = Callable[[Recipe], Mapping[str, Any]]
-"""What trains one run: a recipe in, its summary out (`training.run` by default)."""
+Train = study_ray.Train
 
 _CPUS = Rule("number", 0, low_open=True)
 _GPUS = Rule("number", 0)
@@ -369,8 +366,8 @@ def run_study(
             study.train_here(train)
         else:
             resources = {"num_cpus": 1 if cpus_per_run is None else cpus_per_run, "num_gpus": gpus_per_run or 0}
-            with _ray_session(ray_address, log_to_driver=base.verbose > 0) as (ray, started):
-                study.train_on_ray(ray, started, resources, max_retries, train)
+            with study_ray.session(ray_address, log_to_driver=base.verbose > 0) as (ray, started):
+                study_ray.train_on_ray(study, ray, started, resources, max_retries, train)
         return study.finish()
 
 
@@ -397,72 +394,7 @@ def _check_executor(
         if gpus_per_run > 1 and gpus_per_run != int(gpus_per_run):
             raise ValueError(f"gpus_per_run must be a fraction of one GPU or a whole number, got {gpus_per_run!r}")
     _RETRIES.check("max_retries", max_retries)
-    _import_ray(local=ray_address is None)  # before anything is read or written: no Ray ends the study at once
-
-
-def _import_ray(local: bool = False) -> Any:
-    """Ray, or one line naming the install command; `local`: its node address is the loopback one."""
-    if local and "ray" not in sys.modules:  # read once, on import: Ray's default is the address others reach
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    try:
-        import ray
-    except ImportError:
-        raise ValueError(f"executor 'ray' needs the ray package, which is not installed: install it with {RAY_INSTALL}") from None
-    return ray
-
-
-@contextlib.contextmanager
-def _ray_session(address: str | None, log_to_driver: bool) -> Iterator[tuple[Any, bool]]:
-    """Ray, initialised: the instance this process already holds, or one started here (and shut down)."""
-    ray = _import_ray(local=address is None)
-    if ray.is_initialized():
-        yield ray, False
-        return
-    options: dict[str, Any] = {"log_to_driver": log_to_driver, "logging_level": "warning"}
-    if address is None:  # this machine only: nothing listens beyond the loopback interface
-        options.update(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
-    try:
-        ray.init(**({"address": address} if address is not None else {}), **options)
-    except Exception as error:  # a wrong or unreachable address; Ray raises several kinds
-        what = "start a local Ray instance" if address is None else f"join the Ray cluster at {address!r}"
-        expected = "" if address is None else ": expected the address 'ray start --head' printed (HOST:6379)"
-        raise ValueError(f"cannot {what} ({type(error).__name__}: {_one_line(error)[:300]}){expected}") from None
-    try:
-        yield ray, True
-    finally:
-        ray.shutdown()
-
-
-_BUSY_WAIT_S = 60.0
-"""How long a Ray task waits for its run folder's lock: a killed driver's workers take a moment to stop."""
-
-
-def _ray_run(recipe: dict[str, Any], train: Train | None) -> dict[str, Any]:
-    """One run in a Ray worker: the recipe as plain data in; its summary (no history) and seconds out.
-
-    A run folder locked by another process (a worker of a killed driver, still being stopped:
-    a study folder has one driver) is waited for, up to `_BUSY_WAIT_S`.
-    """
-    started = time.perf_counter()
-    while True:
-        try:
-            summary = dict((train if train is not None else training.run)(Recipe.from_dict(recipe)))
-            break
-        except files.BusyError:
-            if time.perf_counter() - started > _BUSY_WAIT_S:
-                raise
-            time.sleep(1.0)
-    summary.pop("history", None)
-    return {"summary": summary, "seconds": time.perf_counter() - started}
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
-
-
-def _reason(error: BaseException) -> str:
-    """Why a run failed, in one line: the exception's type and message."""
-    return f"{type(error).__name__}: {_one_line(error)}"
+    study_ray.import_ray(local=ray_address is None)  # before anything is read or written: no Ray ends the study at once
 
 
 @dataclasses.dataclass
@@ -513,62 +445,6 @@ class _Grid:
             elif entry.action == "copied":
                 self.copy(entry)
             self.report(entry)
-
-    def train_on_ray(
-        self, ray: Any, started: bool, resources: dict[str, float], max_retries: int, train: Train | None
-    ) -> None:
-        """The Ray executor: one task per run to train, reported as they finish, copies after their source."""
-        self._check_resources(ray, started, resources)
-        for entry in self.entries:  # what needs no training first
-            if entry.action == "skipped" or (entry.action == "copied" and self.entries[entry.source].action == "skipped"):
-                if entry.action == "copied":
-                    self.copy(entry)
-                self.report(entry)
-        env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"), "TF_USE_LEGACY_KERAS": "1"}
-        if 0 < resources["num_gpus"] < 1:  # runs share a GPU: none may take all its memory
-            env["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"
-        task = ray.remote(_ray_run).options(
-            **resources,
-            max_retries=max_retries,
-            retry_exceptions=False,  # a run that raised raises again: bad data, a diverged loss
-            runtime_env={"env_vars": env},
-            **({"max_calls": 1} if resources["num_gpus"] else {}),
-        )
-        pending = {task.remote(e.recipe.to_dict(), train): e for e in self.entries if e.action == "trained"}
-        try:
-            while pending:
-                (ready,), _ = ray.wait(list(pending), num_returns=1)
-                self._finished(ray, pending.pop(ready), ready, max_retries)
-        except BaseException:  # Ctrl-C, a full disk: stop the runs still going (they resume next time)
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            raise
-
-    def _finished(self, ray: Any, entry: _Entry, ref: Any, max_retries: int) -> None:
-        """A Ray task ended: its summary or its failure, then the runs that copy it."""
-        try:
-            result = ray.get(ref)
-            entry.summary, entry.seconds = result["summary"], result["seconds"]
-        except ray.exceptions.RayTaskError as error:  # the run raised
-            entry.failure = _reason(error.cause if isinstance(error.cause, BaseException) else error)
-        except ray.exceptions.RayError as error:  # its worker or node died once more than max_retries
-            entry.failure = f"{type(error).__name__} after {max_retries} retries: {_one_line(error)[:200]}"
-        self.report(entry)
-        for copy in self.entries:
-            if copy.source == entry.index:
-                self.copy(copy)
-                self.report(copy)
-
-    def _check_resources(self, ray: Any, started: bool, resources: dict[str, float]) -> None:
-        """A run that asks for more than the cluster has never starts: refuse it (a started Ray) or warn."""
-        total = ray.cluster_resources()
-        for name, key, flag in (("CPU", "num_cpus", "--cpus-per-run"), ("GPU", "num_gpus", "--gpus-per-run")):
-            have, need = total.get(name, 0.0), resources[key]
-            if need > have:
-                message = f"each run asks for {need:g} {name}(s) ({flag}) but the Ray cluster has {have:g}: expected at most {have:g}"
-                if started:
-                    raise ValueError(message)
-                print(f"study: warning: {message} (the runs wait until the cluster grows)", file=sys.stderr, flush=True)
 
     def copy(self, entry: _Entry) -> None:
         """A run with the settings of an earlier one: copy that one's folder (or its failure)."""
