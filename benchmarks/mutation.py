@@ -521,14 +521,26 @@ def report(outcomes: dict[Mutant, str], command: str, minutes: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+_LOG_LINE = re.compile(r"\[\d+/(\d+)\] (\S+(?: \(pytest exit \d+\))?)\s+\d+ s\s+\d+ tests  (\S+):\d+  (.+)")
+
+
+def _logged_outcomes(log: Path) -> dict[str, str]:
+    """Mutant key -> outcome, from the lines a run printed."""
+    found = {}
+    for text in log.read_text(encoding="utf-8").splitlines():
+        match = _LOG_LINE.fullmatch(text.strip())
+        if match:
+            found[match.group(4)] = match.group(2)
+    return found
+
+
 def _report_from_log(log: Path, mutants: list[Mutant], args: argparse.Namespace) -> int:
     """The report of the mutants a stopped run finished, read from the lines it printed."""
     by_key = {(m.target, m.key): m for m in mutants}
     outcomes: dict[Mutant, str] = {}
-    line = re.compile(r"\[\d+/(\d+)\] (\S+(?: \(pytest exit \d+\))?)\s+\d+ s\s+\d+ tests  (\S+):\d+  (.+)")
     total = 0
     for text in log.read_text(encoding="utf-8").splitlines():
-        match = line.fullmatch(text.strip())
+        match = _LOG_LINE.fullmatch(text.strip())
         if match:
             total = int(match.group(1))
             target = next((n for n, t in TARGETS.items() if t.module == match.group(3)), None)
@@ -571,6 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         help="a seeded random N of the mutants, the same share of every target (a full run takes hours here)",
     )
     parser.add_argument("--sample-seed", type=int, default=0, metavar="S", help="seed of --sample (default 0)")
+    parser.add_argument("--survivors-of", metavar="LOG", help="only the mutants that survived in a run's printed lines (after new tests: are they killed now?)")
     parser.add_argument("--no-write", action="store_true", help=f"do not rewrite {RESULTS.relative_to(ROOT)}")
     parser.add_argument("--from-log", metavar="LOG", help="write the report from a run's printed lines (a run stopped early)")
     parser.add_argument("--serve", metavar="WORKDIR", help=argparse.SUPPRESS)
@@ -586,6 +599,9 @@ def main(argv: list[str] | None = None) -> int:
         mutants = [m for m in mutants if args.match in m.key]
     if args.sample is not None and not args.from_log:
         mutants = _sample(mutants, args.sample, args.sample_seed)
+    if args.survivors_of:
+        survived = {key for key, outcome in _logged_outcomes(Path(args.survivors_of)).items() if outcome == "survived"}
+        mutants = [m for m in mutants if m.key in survived]
     if args.from_log:
         return _report_from_log(Path(args.from_log), mutants, args)
     if args.list:
@@ -600,10 +616,11 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/mutation.py" + (f" --target {' '.join(args.target)}" if args.target else "")
     command += " --guards" if args.guards else ""
     command += f" --sample {args.sample} --sample-seed {args.sample_seed}" if args.sample is not None else ""
+    command += f" --survivors-of {args.survivors_of}" if args.survivors_of else ""
     command += f" --jobs {args.jobs}" if args.jobs > 1 else ""
     text = report(outcomes, command, (time.perf_counter() - started) / 60)
     print(text)
-    if not args.no_write and not args.match:
+    if not args.no_write and not args.match and not args.survivors_of:
         RESULTS.write_text(text, encoding="utf-8")
         print(f"wrote {RESULTS.relative_to(ROOT)}")
     return 0

@@ -352,3 +352,11 @@ def test_replay_skips_rows_without_the_monitored_value():
     schedule.replay([{"loss": 1.0, "clipping_phase": 0.0}, {"val_loss": 0.5, "clipping_phase": 0.0},
                      {"loss": 0.9, "clipping_phase": 0.0}])
     assert (schedule._best, schedule._wait, schedule.switched_at_epoch) == (0.5, 0, None)
+
+
+def test_replay_starts_afresh_each_time_it_is_called():
+    schedule = ClippingSchedule(monitor="val_loss", patience=3, verbose=0)
+    schedule.replay([{"val_loss": 0.2, "clipping_phase": 0.0}, {"val_loss": 0.9, "clipping_phase": 1.0}])
+    assert (schedule._best, schedule.switched_at_epoch) == (0.2, 1)
+    schedule.replay([{"val_loss": 0.9, "clipping_phase": 0.0}, {"val_loss": 0.8, "clipping_phase": 0.0}])
+    assert (schedule._best, schedule._wait, schedule.switched_at_epoch) == (0.8, 0, None)

@@ -398,3 +398,22 @@ def test_max_wrong_share_is_an_inclusive_bound():
     with pytest.raises(export.ExportVerificationError, match=r"on 100% of inputs \(> 99%\)"):
         check_flatbuffer(twin, flatbuffer, "tflite", x, "given", min_top1=0.99, max_abs_diff=None, output_rtol=1e-4,
                          max_wrong_share=0.99)
+
+
+def test_localisation_is_only_run_on_a_pass_when_asked_for():
+    model = _dense(10, seed=2, name="classes")
+    x = np.random.default_rng(3).standard_normal((8, IN)).astype(np.float32)
+    flatbuffer = export.convert(model, "tflite", verify=False).flatbuffer
+    v = check_flatbuffer(model, flatbuffer, "tflite", x, "given", min_top1=0.99, max_abs_diff=None, output_rtol=1e-4)
+    assert "localisation" not in v and not any(n.startswith("localised") for n in v["notes"])
+
+
+def test_a_max_abs_diff_of_zero_is_met_by_a_bit_exact_file():
+    """Integer weights and inputs: Keras and TFLite sum exactly, so the bound 0 passes (it is inclusive)."""
+    inputs = tf.keras.Input((IN,))
+    layer = tf.keras.layers.Dense(3, kernel_initializer="ones", bias_initializer="zeros", name="head")
+    model = tf.keras.Model(inputs, layer(inputs))
+    x = np.random.default_rng(0).integers(-3, 4, (8, IN)).astype(np.float32)
+    flatbuffer = export.convert(model, "tflite", verify=False).flatbuffer
+    v = check_flatbuffer(model, flatbuffer, "tflite", x, "given", min_top1=0.0, max_abs_diff=0.0)
+    assert v["max_abs_diff"] == 0.0 and v["max_abs_diff_allowed"] == 0.0

@@ -194,3 +194,19 @@ def test_the_dense_rewrite_says_why_it_skips_a_layer():
     same, rewritten, skipped = rewrite_binary_dense(wrapper)
     assert same is wrapper and rewritten == []
     assert skipped == {"in_backbone": "the model is subclassed, so its graph cannot be rebuilt"}
+
+
+def test_the_rewritten_model_computes_a_whole_batch_like_the_original():
+    from bnn_keras.export import rewrite_binary_dense
+
+    tf.keras.utils.set_random_seed(4)
+    inputs = tf.keras.Input((16,))
+    x = lq.layers.QuantDense(8, input_quantizer="ste_sign", kernel_quantizer="ste_sign", name="b1")(inputs)
+    model = tf.keras.Model(inputs, x)
+    model.get_layer("b1").bias.assign(np.linspace(-1, 1, 8).astype(np.float32))
+    rewritten, names, _ = rewrite_binary_dense(model)
+    assert names == ["b1"]
+    batch = np.random.default_rng(1).standard_normal((5, 16)).astype(np.float32)
+    out = rewritten(batch).numpy()
+    assert out.shape == (5, 8)
+    np.testing.assert_array_equal(out, model(batch).numpy())

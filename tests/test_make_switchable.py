@@ -219,3 +219,25 @@ def test_a_subclassed_model_and_a_non_boolean_phase_are_refused():
         make_switchable(Net())
     with pytest.raises(ValueError, match="clipped must be True or False, got 'yes'"):
         make_switchable(_dense_model(), clipped="yes")
+
+
+def test_the_report_summary_shows_five_things_left_and_counts_the_rest():
+    from bnn_keras.switchable import SwitchReport
+
+    def left(n):
+        return SwitchReport(left=[(f"layer{i}", "kernel_quantizer", "ApproxSign has no clipped STE to switch") for i in range(n)])
+
+    assert left(5).summary().count("ApproxSign") == 5 and "more" not in left(5).summary()
+    six = left(6).summary()
+    assert six.count("ApproxSign") == 5 and six.endswith("; and 1 more)") and "left 6 as they were" in six
+
+
+def test_the_refusal_names_the_first_three_reasons():
+    inputs = tf.keras.Input((IN,))
+    x = inputs
+    for i in range(4):
+        x = lq.layers.QuantDense(4, kernel_quantizer="approx_sign", name=f"approx{i}")(x)
+    with pytest.raises(NothingToSwitchError) as raised:
+        make_switchable(tf.keras.Model(inputs, x))
+    message = str(raised.value)
+    assert message.count("has no clipped STE to switch") == 3 and "approx2" in message and "approx3" not in message

@@ -280,3 +280,24 @@ def test_builders_use_plain_batch_norm_unless_asked_to_synchronise(builder, kwar
 
     assert synchronised(plain) and not any(synchronised(plain))  # one device: no cross-replica reduction
     assert all(synchronised(synced)) and len(synchronised(synced)) == len(synchronised(plain))
+
+
+def test_copy_weights_looks_into_nested_models():
+    def nested(variant):
+        inner = models.mlp((4, 4, 1), 3, hidden_units=(6,), variant=variant, name=f"inner_{variant}")
+        inputs = tf.keras.Input((4, 4, 1))
+        return tf.keras.Model(inputs, inner(inputs))
+
+    source, target = nested("float"), nested("binaryconnect")
+    _distinct_random_weights(source.layers[1], seed=2)
+    assert models.copy_weights(source, target) == 4  # two dense and two BN layers inside
+    np.testing.assert_array_equal(_latent(target.layers[1].get_layer("dense_1").kernel),
+                                  source.layers[1].get_layer("dense_1").kernel.numpy())
+
+
+def test_vgg10_clips_at_one_by_default():
+    model = models.vgg10((8, 8, 1), 3, variant="binarynet", clipped=True, width_multiplier=0.03125)
+    layers = _binary_layers(model)
+    assert {layer.kernel_quantizer.clip_value for layer in layers} == {1.0}
+    assert {layer.kernel_constraint.clip_value for layer in layers} == {1.0}
+    assert {layer.input_quantizer.clip_value for layer in layers if layer.input_quantizer is not None} == {1.0}

@@ -528,12 +528,13 @@ def test_piecewise_boundaries_must_strictly_increase_from_zero(boundaries):
 
 
 @pytest.mark.parametrize("mode", ["gradient", "update"])
-def test_layerwise_takes_a_zip_and_none_gradients_as_keras_optimisers_do(mode):
+@pytest.mark.parametrize("m", [2.0, 3.0])
+def test_layerwise_takes_a_zip_and_none_gradients_as_keras_optimisers_do(mode, m):
     """Keras code passes `zip(grads, vars)` (an iterator) and None for unused variables."""
     used, unused = tf.Variable([1.0, 2.0], name="used"), tf.Variable([5.0], name="unused")
-    opt = LayerwiseLrScaling(tf.keras.optimizers.SGD(0.1), multipliers={"": 3.0}, mode=mode)
+    opt = LayerwiseLrScaling(tf.keras.optimizers.SGD(0.1), multipliers={"": m}, mode=mode)
     opt.apply_gradients(zip([tf.constant([1.0, -1.0]), None], [used, unused]))
-    np.testing.assert_allclose(used.numpy(), [1.0 - 0.3, 2.0 + 0.3], rtol=1e-6)  # 0.1 x 3 x gradient
+    np.testing.assert_allclose(used.numpy(), [1.0 - 0.1 * m, 2.0 + 0.1 * m], rtol=1e-6)  # 0.1 x m x gradient
     assert unused.numpy().tolist() == [5.0]
 
 
@@ -559,3 +560,14 @@ def test_layerwise_set_weights_sets_the_inner_optimiser_state():
     for a, b in zip(fresh.variables, trained.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert int(fresh.iterations.numpy()) == 1
+
+
+def test_a_callables_numpy_multiplier_serialises_as_a_plain_number():
+    import json
+
+    opt = LayerwiseLrScaling(tf.keras.optimizers.SGD(0.1), multipliers=lambda v: np.float32(2.0))
+    variable = tf.Variable([1.0], name="w")
+    opt.apply_gradients([(tf.constant([1.0]), variable)])
+    config = opt.get_config()
+    assert config["multipliers"] == {"^w:0$": 2.0} and type(config["multipliers"]["^w:0$"]) is float
+    json.dumps(config["multipliers"])
