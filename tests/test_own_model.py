@@ -21,7 +21,7 @@ def users_model(input_shape=(28, 28, 1), classes=10, lambda_layer=False, softmax
     inputs = tf.keras.Input(input_shape)
     x = tf.keras.layers.Flatten()(inputs)
     if lambda_layer:
-        x = tf.keras.layers.Lambda(lambda t: t * 2.0)(x)
+        x = tf.keras.layers.Lambda(lambda t: t * 2.0, name="double")(x)
     x = lq.layers.QuantDense(32, kernel_quantizer="ste_sign", kernel_constraint="weight_clip", use_bias=False)(x)
     x = tf.keras.layers.BatchNormalization(momentum=0.5)(x)
     x = lq.layers.QuantDense(classes, input_quantizer="ste_sign", kernel_quantizer="ste_sign",
@@ -98,7 +98,7 @@ def test_a_model_file_with_code_needs_unsafe_load(tmp_path, capsys):
     assert "Lambda" in err and err.count("\n") == 1 and not out.exists()
     flags = ["--limit", "300", "--batch-size", "50", "--verbose", "0", "--epochs", "1"]
     assert cli.main(["train", "mnist_mlp", "--model-file", str(path), "--unsafe-load", "--out", str(out), *flags]) == 0
-    assert json.loads((out / "summary.json").read_text())["own_model"]["left"][0][:2] == ["lambda", "layer"]
+    assert json.loads((out / "summary.json").read_text())["own_model"]["left"][0][:2] == ["double", "layer"]
 
 
 @pytest.mark.parametrize("argv, message", [
