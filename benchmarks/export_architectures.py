@@ -39,6 +39,9 @@ from bnn_keras.export.errors import one_line  # noqa: E402
 from bnn_keras.export.pitfalls import rewrite_lce_pitfalls  # noqa: E402
 from bnn_keras.export.verify import check_flatbuffer  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from zoo import require_larq_zoo, run_table, zoo_model  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results" / "export_architectures.md"
 ARCHITECTURES = (
     "BinaryResNetE18", "BiRealNet", "QuickNetSmall", "QuickNet", "BinaryDenseNet28", "MeliusNet22",
@@ -47,12 +50,7 @@ ARCHITECTURES = (
 
 
 def build(name: str, size: int) -> tf.keras.Model:
-    import larq_zoo
-
-    tf.keras.utils.set_random_seed(0)
-    family = larq_zoo.sota if hasattr(larq_zoo.sota, name) else larq_zoo.literature
-    model = getattr(family, name)(weights=None, input_shape=(size, size, 3), num_classes=1000)
-    return export.randomize_batch_norm(model, seed=1)
+    return export.randomize_batch_norm(zoo_model(name, (size, size, 3), 1000), seed=1)
 
 
 def _failure(error: Exception) -> str:
@@ -153,19 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64, help="input height and width (default 64)")
     parser.add_argument("--num-inputs", type=int, default=100, help="verification inputs (default 100)")
     args = parser.parse_args(argv)
-    try:
-        import larq_zoo  # noqa: F401
-    except ImportError:
-        parser.error("expected larq-zoo installed, got none: pip install --no-deps larq-zoo==2.4.0 zookeeper==1.4.0 && pip install typeguard click")
-    started = time.perf_counter()
-    rows = []
-    for name in args.models:
-        row = run_one(name, args)
-        print({k: v for k, v in row.items() if k != "classes"}, flush=True)
-        rows.append(row)
-    text = table(rows, args, (time.perf_counter() - started) / 60)
-    print(text)
-    RESULTS.write_text(text, encoding="utf-8")
+    require_larq_zoo(parser)
+    run_table(args.models, lambda name: run_one(name, args), lambda rows, minutes: table(rows, args, minutes), RESULTS)
     return 0
 
 

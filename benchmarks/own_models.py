@@ -36,6 +36,9 @@ import bnn_keras  # noqa: E402,F401
 from bnn_keras import training  # noqa: E402
 from bnn_keras.switchable import NothingToSwitchError, make_switchable  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from zoo import require_larq_zoo, run_table, zoo_model  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results" / "own_models.md"
 ARCHITECTURES = (
     "BinaryResNetE18", "BiRealNet", "QuickNetSmall", "BinaryDenseNet28", "RealToBinaryNet",
@@ -45,11 +48,7 @@ ARCHITECTURES = (
 
 def build(name: str, size: int) -> tf.keras.Model:
     """The zoo model at `size` x `size`, nested in a model that zero-pads the 28 x 28 images to it."""
-    import larq_zoo
-
-    tf.keras.utils.set_random_seed(0)
-    family = larq_zoo.sota if hasattr(larq_zoo.sota, name) else larq_zoo.literature
-    zoo = getattr(family, name)(weights=None, input_shape=(size, size, 1), num_classes=10)
+    zoo = zoo_model(name, (size, size, 1), 10)
     inputs = tf.keras.Input((28, 28, 1))
     padded = tf.keras.layers.ZeroPadding2D((size - 28) // 2)(inputs)
     return tf.keras.Model(inputs, zoo(padded), name=name)
@@ -59,15 +58,10 @@ def lce_files(model: tf.keras.Model, copy: tf.keras.Model) -> tuple[str, str]:
     """Whether the two LCE files have the same ops and constant bytes; the ops' summary."""
     import larq_compute_engine as lce
 
-    from bnn_keras.export.flatbuffer import _schema, flatbuffer_ops
-
-    def constants(flatbuffer: bytes) -> list[bytes]:
-        parsed = _schema().Model.GetRootAsModel(flatbuffer, 0)
-        buffers = (parsed.Buffers(i) for i in range(parsed.BuffersLength()))
-        return sorted(bytes(b.DataAsNumpy()) for b in buffers if b.DataLength())
+    from bnn_keras.export.flatbuffer import constant_buffers, flatbuffer_ops
 
     a, b = lce.convert_keras_model(model), lce.convert_keras_model(copy)
-    same = flatbuffer_ops(a) == flatbuffer_ops(b) and constants(a) == constants(b)
+    same = flatbuffer_ops(a) == flatbuffer_ops(b) and constant_buffers(a) == constant_buffers(b)
     binary = flatbuffer_ops(a).count("LceBconv2d")
     return ("same" if same else "DIFFERENT"), f"{binary} LceBconv2d, {len(a) / 1e6:.2f} / {len(b) / 1e6:.2f} MB"
 
@@ -141,20 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.size < 28 or args.size % 2:
         parser.error(f"--size: expected an even number >= 28, got {args.size}")
-    try:
-        import larq_zoo  # noqa: F401
-    except ImportError:
-        parser.error("expected larq-zoo installed, got none: pip install --no-deps larq-zoo==2.4.0 zookeeper==1.4.0 && pip install typeguard click")
-    started = time.perf_counter()
-    rows = []
+    require_larq_zoo(parser)
     with tempfile.TemporaryDirectory() as folder:
-        for name in args.models:
-            row = run_one(name, args, Path(folder))
-            print(row, flush=True)
-            rows.append(row)
-    text = table(rows, args, (time.perf_counter() - started) / 60)
-    print(text)
-    RESULTS.write_text(text, encoding="utf-8")
+        run_table(
+            args.models, lambda name: run_one(name, args, Path(folder)),
+            lambda rows, minutes: table(rows, args, minutes), RESULTS,
+        )
     return 0
 
 

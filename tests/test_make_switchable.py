@@ -10,7 +10,7 @@ import bnn_keras
 from bnn_keras.callbacks import ClippingSchedule
 from bnn_keras.constraints import SwitchableWeightClip
 from bnn_keras.export import FlatbufferRunner
-from bnn_keras.export.flatbuffer import _schema, flatbuffer_ops
+from bnn_keras.export.flatbuffer import constant_buffers, flatbuffer_ops
 from bnn_keras.quantizers import SwitchableMagnitudeAwareSign, SwitchableSteSign, VanillaSteSign
 from bnn_keras.switchable import NothingToSwitchError, make_switchable
 
@@ -148,19 +148,13 @@ def _conv_model():
     return bnn_keras.export.randomize_batch_norm(model, seed=1)
 
 
-def _constants(flatbuffer):
-    model = _schema().Model.GetRootAsModel(flatbuffer, 0)
-    buffers = (model.Buffers(i) for i in range(model.BuffersLength()))
-    return sorted(bytes(b.DataAsNumpy()) for b in buffers if b.DataLength())
-
-
 def test_the_copy_exports_to_the_same_lce_file():
     model = _conv_model()
     copy = make_switchable(model)
     original, switched = lce.convert_keras_model(model), lce.convert_keras_model(copy)
     assert flatbuffer_ops(switched) == flatbuffer_ops(original)
     assert flatbuffer_ops(original).count("LceBconv2d") == 2
-    assert _constants(switched) == _constants(original)  # every weight byte, in any order
+    assert constant_buffers(switched) == constant_buffers(original)  # every weight byte, in any order
     assert abs(len(switched) - len(original)) < 200  # only tensor names differ
     x = np.random.RandomState(2).randn(16, 8, 8, 3).astype("float32")
     (a,), (b,) = FlatbufferRunner(original, "lce").predict(x), FlatbufferRunner(switched, "lce").predict(x)

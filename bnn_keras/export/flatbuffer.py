@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from bnn_keras.export.errors import ExportError
 
-__all__ = ["BINARY_OPS", "TARGETS", "Flatbuffer", "FlatbufferRunner", "Op", "check_target", "flatbuffer_ops", "parse"]
+__all__ = ["BINARY_OPS", "TARGETS", "Flatbuffer", "FlatbufferRunner", "Op", "check_target", "constant_buffers", "flatbuffer_ops", "parse"]
 
 TARGETS: tuple[str, ...] = ("lce", "tflite")
 """Export targets: Larq Compute Engine (binary ops) or stock TFLite (float ops only)."""
@@ -122,6 +122,19 @@ def flatbuffer_ops(flatbuffer: bytes) -> list[str]:
     ```
     """
     return [op.name for op in parse(flatbuffer).ops]
+
+
+def constant_buffers(flatbuffer: bytes) -> list[bytes]:
+    """The data of every non-empty buffer (weights and other constants), sorted: equal lists mean
+    two files hold the same constants whatever their order and tensor names.
+
+    ```python
+    constant_buffers(a) == constant_buffers(b)   # the same weights, byte for byte
+    ```
+    """
+    model = _schema().Model.GetRootAsModel(flatbuffer, 0)
+    buffers = (model.Buffers(i) for i in range(model.BuffersLength()))
+    return sorted(bytes(b.DataAsNumpy()) for b in buffers if b.DataLength())
 
 
 _SINGLE_INPUT_ONLY = "verification supports single-input models only; use verify=False"
