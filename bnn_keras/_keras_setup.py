@@ -74,8 +74,11 @@ def import_tensorflow(quiet: bool) -> str:
 
     TensorFlow and absl print CUDA probing and CPU-feature notices to file descriptor 2
     while importing and probing devices, whatever TF_CPP_MIN_LOG_LEVEL says; `quiet`
-    captures both (the probe runs here), and sets TF_CPP_MIN_LOG_LEVEL=2 (unless the
-    environment sets a level) for the later ones.
+    captures both (the probe runs here), and sets TF_CPP_MIN_LOG_LEVEL (unless the
+    environment sets a level) for the later ones: 3 (none) unless the command line asks
+    for ``--verbose 2``, 2 (errors) then. TensorFlow logs notices at error level too
+    (oneDNN's "supports DT_UINT8 only on platforms with AVX-512" on some CPUs, mid-fit);
+    a real failure reaches the user as a Python exception all the same.
     """
     if not quiet or "tensorflow" in sys.modules:
         import tensorflow  # noqa: F401
@@ -83,7 +86,8 @@ def import_tensorflow(quiet: bool) -> str:
         return ""
     import tempfile
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    everything = any(a == "--verbose=2" or (a == "--verbose" and b == "2") for a, b in zip(sys.argv, sys.argv[1:] + [""]))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if everything else "3")
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:

@@ -318,28 +318,37 @@ class EpochClock(tf.keras.callbacks.Callback):
 
 
 class StopOnNonFinite(tf.keras.callbacks.Callback):
-    """Raise `TrainingDivergedError` after the first batch whose loss is NaN or infinite.
+    """Raise `TrainingDivergedError` after the first batch hook whose loss is NaN or infinite.
 
     Not Keras' `TerminateOnNaN`: that lets the epoch end, so end-of-epoch callbacks would
-    back up or keep the broken weights. `epoch_offset` and `steps` only word the message.
+    back up or keep the broken weights. The loss Keras logs is the epoch's running mean,
+    so once one batch's loss is non-finite every later one in the epoch is too: with
+    ``steps_per_execution`` > 1 the batch hooks run once per execution block (one
+    device-to-host read per block, not per step) and the message names the block's
+    batches. `epoch_offset` and `steps` only word the message.
     """
 
     def __init__(self, epoch_offset: int = 0, steps: int | None = None):
         super().__init__()
         self.epoch_offset, self.steps = epoch_offset, steps
         self._epoch = 0
+        self._done = 0  # batches of this epoch checked so far
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        self._epoch = epoch
+        self._epoch, self._done = epoch, 0
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        first, self._done = self._done + 1, batch + 1  # Keras passes the block's last batch
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             of = f" of {self.steps}" if self.steps else ""
+            where = f"batch {batch + 1}" if first >= batch + 1 else f"batches {first}-{batch + 1}"
             raise TrainingDivergedError(
-                f"the training loss became {float(loss)} in epoch {self.epoch_offset + self._epoch + 1}, "
-                f"batch {batch + 1}{of}"
+                f"the training loss became {float(loss)} in epoch {self.epoch_offset + self._epoch + 1}, {where}{of}"
             )
+
+    def get_config(self) -> dict[str, Any]:
+        return {"epoch_offset": self.epoch_offset, "steps": self.steps}
 
 
 class HistoryRows(tf.keras.callbacks.Callback):

@@ -103,6 +103,8 @@ _RECIPE_FLAGS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("run", "--nondeterministic", "allow TensorFlow's nondeterministic (faster GPU) kernels: runs with one seed then differ slightly, and a resumed run no longer equals an uninterrupted one exactly", {"dest": "deterministic", "action": "store_false"}),
     # train only: a multi-worker strategy is set up once per process, a study runs many
     ("run", "--strategy", "tf.distribute strategy: default (one device), mirrored (local GPUs), multi-worker (cluster in TF_CONFIG), tpu; --batch-size is per replica and the learning rate is scaled by the replica count", {"train_only": True}),
+    ("speed", "--jit", "XLA compilation of the train step: auto (on for networks without convolutions on a CPU, off for convolutional ones; on for every network on a GPU), on or off", {}),
+    ("speed", "--steps-per-execution", "train steps per call into TensorFlow: auto (the epoch's steps, at most 64) or N; the progress bar and the non-finite-loss check run once per block", {"metavar": "N|auto"}),
     ("run", "--verbose", "Keras output: 0 silent, 1 progress bar, 2 one line per epoch (and TensorFlow's own log lines)", {}),
 )
 
@@ -252,7 +254,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     grid.add_argument("--recipe", choices=recipes, default="mnist_mlp", help="base recipe (default: mnist_mlp)")
     grid.add_argument("--quick", action="store_true", help=f"small enough for a laptop CPU in minutes: embedded data, 2x128 MLP (or 1/16-width VGG-10), 3 epochs, {study.QUICK_SEEDS} seeds")
     grid.add_argument("--tables", nargs="+", choices=list(study.TABLES), default=None, metavar="TABLE", help=f"tables to run (default: all): {', '.join(study.TABLES)}")
-    grid.add_argument("--seeds", type=_typed(Rule("int", 1)), default=None, metavar="N", help=f"seeds 0..N-1 per cell (default: 3, or {study.QUICK_SEEDS} with --quick)")
+    grid.add_argument("--seeds", type=_typed(Rule("int", 1, study.MAX_SEEDS)), default=None, metavar="N", help=f"seeds 0..N-1 per cell (default: 3, or {study.QUICK_SEEDS} with --quick)")
     grid.add_argument("--out", default="runs/study", metavar="DIR", help="study folder (default: runs/study); with --executor ray, on a filesystem every node sees at the same path")
     spread = grid.add_argument_group("executor")
     spread.add_argument("--executor", choices=study.EXECUTORS, default="local", help="local: the runs one after another in this process (default); ray: each run a Ray task, in parallel, retried when its worker dies (needs: " + study.RAY_INSTALL + ")")

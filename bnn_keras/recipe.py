@@ -35,6 +35,7 @@ __all__ = [
     "FIELDS",
     "HYPERPARAMETERS",
     "INT64_MAX",
+    "JIT_MODES",
     "LOSSES",
     "LR_SCALINGS",
     "LR_SCHEDULES",
@@ -58,6 +59,9 @@ LOSSES: tuple[str, ...] = ("squared_hinge", "crossentropy")
 
 LR_SCHEDULES: tuple[str, ...] = ("exponential", "constant")
 """Learning-rate schedules: per-epoch exponential decay lr_start -> lr_end, or constant."""
+
+JIT_MODES: tuple[str, ...] = ("auto", "on", "off")
+"""XLA compilation of the train step: chosen for the model and device (`bnn_keras.speed`), always, never."""
 
 LR_SCALINGS: tuple[str | None, ...] = (None, "update", "gradient")
 """BinaryConnect's Glorot per-layer LR scaling: off, on the update, or on the gradient."""
@@ -96,7 +100,7 @@ class Rule:
     only when a value passes it.
     """
 
-    kind: str  # "int", "number", "choice", "text", "path", "bool"
+    kind: str  # "int", "number", "choice", "text", "path", "bool", "auto-int" ("auto" or an int)
     low: float | None = None
     high: float | None = None
     low_open: bool = False  # the range excludes `low`
@@ -117,9 +121,9 @@ class Rule:
     def _words(self, value: Any) -> str:
         """`expected`, plus the `largest` limit when `value` passes it."""
         kinds = {"int": "an integer", "number": "a number", "text": "a non-empty string", "path": "a path",
-                 "bool": "True or False"}
+                 "bool": "True or False", "auto-int": "'auto' or an integer"}
         words = kinds.get(self.kind, "")
-        bound = (lambda b: f"{int(b)}") if self.kind == "int" else (lambda b: f"{b:g}")
+        bound = (lambda b: f"{int(b)}") if self.kind in ("int", "auto-int") else (lambda b: f"{b:g}")
         if self.low is not None and self.high is not None:
             left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
             words += f" in {left}{bound(self.low)}, {bound(self.high)}{right}"
@@ -132,7 +136,7 @@ class Rule:
     def _in_range(self, value: float) -> bool:
         if self.kind == "number" and not math.isfinite(value):
             return False
-        if self.kind == "int" and value > self.largest:
+        if self.kind in ("int", "auto-int") and value > self.largest:
             return False
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
@@ -146,6 +150,7 @@ class Rule:
             return value in self.options
         return {
             "int": lambda v: _is_int(v) and self._in_range(v),
+            "auto-int": lambda v: v == "auto" or (_is_int(v) and self._in_range(v)),
             "number": lambda v: _is_number(v) and self._in_range(_float(v)),
             "text": lambda v: isinstance(v, str) and bool(v),
             "path": lambda v: isinstance(v, (str, os.PathLike)),
@@ -166,8 +171,10 @@ class Rule:
         import argparse
 
         expected = self.expected.replace(" or None", "")
+        if self.kind == "auto-int" and text == "auto":
+            return text
         try:
-            value = {"int": int, "number": float}[self.kind](text)
+            value = {"int": int, "auto-int": int, "number": float}[self.kind](text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
         if not self._in_range(value):
@@ -213,6 +220,8 @@ FIELDS: dict[str, Rule] = {
     "deterministic": Rule("bool"),
     "strategy": Rule("choice", choices=bk_distribute.STRATEGIES),
     "verbose": Rule("choice", choices=(0, 1, 2)),
+    "jit": Rule("choice", choices=JIT_MODES),
+    "steps_per_execution": Rule("auto-int", 1),
     "output_dir": _PATH,
     "model_file": _PATH,
     "model_sha256": Rule("text", optional=True),
@@ -305,6 +314,9 @@ class Recipe:
     seed: int = 0  # 0 .. SEED_MAX
     deterministic: bool = True
     strategy: str = "default"
+    # speed (`bnn_keras.speed`): "auto" picks what this model and device run fastest
+    jit: str = "auto"  # XLA: "auto", "on", "off"
+    steps_per_execution: int | str = "auto"  # train steps per call into TensorFlow: "auto" or N >= 1
     output_dir: str | None = None
     verbose: int = 2
 

@@ -207,6 +207,8 @@ TABLES: dict[str, Table] = {
 """The study's ablation tables by key (``bnn-keras study --tables KEY ...``)."""
 
 QUICK_SEEDS = 2
+MAX_SEEDS = 1000
+"""The most seeds per cell a study takes (every seed is a run of every cell)."""
 """Seeds of a ``--quick`` study."""
 
 
@@ -356,9 +358,13 @@ def run_study(
     _check_executor(executor, ray_address, gpus_per_run, cpus_per_run, max_retries)
     out = Path(os.path.abspath(out) if executor == "ray" else out)
     chosen = _resolve(TABLES if tables is None else tables)
+    if isinstance(seeds, int) and not 1 <= seeds <= MAX_SEEDS:
+        raise ValueError(f"seeds must be a count in [1, {MAX_SEEDS}] (runs per cell), got {seeds}")
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
         raise ValueError("seeds must name at least one seed")
+    if len(seed_list) > MAX_SEEDS:
+        raise ValueError(f"seeds must name at most {MAX_SEEDS} seeds (runs per cell), got {len(seed_list)}")
     grid = cell_recipes(out, base, chosen.values(), seed_list)  # validates every cell before training any
     with files.own_folder(out):  # one study per folder: a second one is refused before anything is written
         study = _Grid(out, grid, chosen, base, seed_list, verbose)  # reads back (and checks) finished runs

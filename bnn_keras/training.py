@@ -27,7 +27,10 @@ Long runs: a run stopped at any moment (even by SIGKILL) and started again with 
 recipe and folder continues after its last finished epoch, identically
 (`bnn_keras.run_folder`); a NaN or infinite loss raises `TrainingDivergedError`; ``seed``
 with ``deterministic`` gives identical histories; ``strategy`` picks a `tf.distribute`
-strategy (per-replica batch, linearly scaled LR, synchronised BN, chief-only output).
+strategy (per-replica batch, linearly scaled LR, synchronised BN, chief-only output);
+``jit`` and ``steps_per_execution`` ("auto" by default) pick XLA and the execution
+block for the model and device (`bnn_keras.speed`; the choice and its reason are printed
+and kept in summary.json's ``speed``).
 
 ```python
 from bnn_keras import training
@@ -55,6 +58,7 @@ from bnn_keras import data as bk_data
 from bnn_keras import distribute as bk_distribute
 from bnn_keras import models as bk_models
 from bnn_keras import optimizers as bk_optimizers
+from bnn_keras import speed as bk_speed
 from bnn_keras._switch import find_switchables
 from bnn_keras.callbacks import TrainingDivergedError, _batch_norm_layers
 from bnn_keras.constraints import SwitchableWeightClip
@@ -194,6 +198,7 @@ class _Run:
     rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     iterators: int = 0  # iterators of splits.train created in this process (see _skip_shuffles)
     own: tf.keras.Model | None = None  # the user's model (`run(model=...)`, ``model_file``)
+    speed: bk_speed.SpeedPlan | None = None  # how the last compiled model runs (`bnn_keras.speed`)
     switched: dict[str, Any] | None = None  # what make_switchable did to it
 
     @classmethod
@@ -244,7 +249,18 @@ class _Run:
         )
 
     def compile(self, model: tf.keras.Model, epochs: int, lr_scale: float) -> None:
-        _compile(model, self.recipe, epochs, self.steps_per_epoch, lr_scale, from_logits=not _ends_in_softmax(model))
+        recipe = self.recipe
+        plan = bk_speed.choose(
+            model,
+            jit=recipe.jit,
+            steps_per_execution=recipe.steps_per_execution,
+            steps_per_epoch=self.steps_per_epoch,
+            strategy=self.strategy,
+        )
+        if recipe.verbose and self.speed is not None and plan != self.speed:  # the first is announced
+            print(f"bnn-keras: speed: {plan.describe()}", flush=True)
+        self.speed = plan
+        _compile(model, recipe, epochs, self.steps_per_epoch, lr_scale, not _ends_in_softmax(model), plan)
 
     def fit_stage(
         self,
@@ -310,7 +326,13 @@ def _load_data(recipe: Recipe, global_batch: int) -> bk_data.DatasetSplits:
 
 
 def _compile(
-    model: tf.keras.Model, recipe: Recipe, epochs: int, steps_per_epoch: int, lr_scale: float, from_logits: bool = True
+    model: tf.keras.Model,
+    recipe: Recipe,
+    epochs: int,
+    steps_per_epoch: int,
+    lr_scale: float,
+    from_logits: bool = True,
+    plan: bk_speed.SpeedPlan | None = None,
 ) -> None:
     if recipe.lr_schedule == "exponential":
         learning_rate: Any = bk_optimizers.ExponentialDecayPerEpoch(
@@ -328,7 +350,14 @@ def _compile(
     else:
         loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
         accuracy = tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")
-    model.compile(optimizer=optimizer, loss=loss, metrics=[accuracy])
+    plan = plan or bk_speed.choose(model, jit="off", steps_per_execution=1)
+    model.compile(
+        optimizer=optimizer,
+        loss=loss,
+        metrics=[accuracy],
+        jit_compile=plan.jit_compile,
+        steps_per_execution=plan.steps_per_execution,
+    )
 
 
 def set_clipping_parts(model: tf.keras.Model, clipping: str) -> None:
@@ -437,6 +466,7 @@ def _summary(
         "test_size": splits.test_size,
         "params": _param_counts(model),
         "distribution": {**dataclasses.asdict(run_.plan), "description": run_.plan.describe()},
+        "speed": {**run_.speed.to_dict(), "description": run_.speed.describe()} if run_.speed else None,
         "resumed_at_epochs": resumed_at,
         "wall_time_s": time.perf_counter() - started,
         "recipe": recipe.to_dict(),
@@ -590,6 +620,8 @@ def _announce(run_: _Run, done: int) -> None:
         flush=True,
     )
     print(f"bnn-keras: {run_.plan.describe()}", flush=True)
+    if run_.speed is not None:
+        print(f"bnn-keras: speed: {run_.speed.describe()}", flush=True)
     if done:
         print(f"bnn-keras: resuming after epoch {done} of {total} (backup in {run_.folder.backup})", flush=True)
 

@@ -128,21 +128,36 @@ def test_absurd_learning_rate_stops_in_the_first_epoch_with_exit_1(tmp_path, cap
     out = tmp_path / "run"
     argv = TINY + ["--optimizer", "sgd", "--lr", "1e30", "--lr-schedule", "constant", "--out", str(out)]
     err = _one_line_error(capsys, cli.main(argv), "the training loss became ", 1)
-    assert " in epoch 1, batch " in err and " of 6: training stopped; no epoch had finished" in err
+    # checked once per execution block ("auto": the epoch's 6 steps), so the block is named
+    assert " in epoch 1, batches 1-6 of 6: training stopped; no epoch had finished" in err
     assert os.listdir(out) == ["run.json"]  # no history, no summary, no best model
 
 
-def test_nan_mid_run_keeps_the_last_good_epoch_and_the_same_command_resumes_from_it(tmp_path, capsys, monkeypatch):
+def test_absurd_learning_rate_one_step_per_execution_names_the_batch(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = TINY + ["--out", str(out)]
+    argv = TINY + ["--optimizer", "sgd", "--lr", "1e30", "--lr-schedule", "constant", "--out", str(out)]
+    err = _one_line_error(capsys, cli.main(argv + ["--steps-per-execution", "1"]), "the training loss became ", 1)
+    assert " in epoch 1, batch 2 of 6: training stopped; no epoch had finished" in err  # in the block of 1-6 above
+    assert os.listdir(out) == ["run.json"]
 
-    def poison(self, batch, logs=None):  # a NaN weight from epoch 2 (0-based 1), batch 3 on
-        if self._epoch == 1 and batch == 2:
+
+@pytest.mark.parametrize(
+    "block, poisoned, where",
+    [("1", 2, "batch 3 of 6"), ("3", 3, "batches 4-6 of 6")],  # a hook per batch / per block of 3
+)
+def test_nan_mid_run_keeps_the_last_good_epoch_and_the_same_command_resumes_from_it(
+    tmp_path, capsys, monkeypatch, block, poisoned, where
+):
+    out = tmp_path / "run"
+    argv = TINY + ["--out", str(out), "--steps-per-execution", block]
+
+    def poison(self, batch, logs=None):  # a NaN weight from epoch 2 (0-based 1), batch `poisoned` (0-based) on
+        if self._epoch == 1 and batch == poisoned:
             gamma = self.model.get_layer("bn_1").gamma
             gamma.assign(tf.fill(gamma.shape, np.nan))
 
     monkeypatch.setattr(callbacks.StopOnNonFinite, "on_train_batch_begin", poison, raising=False)
-    err = _one_line_error(capsys, cli.main(argv), "the training loss became nan in epoch 2, batch 3 of 6: training stopped;", 1)
+    err = _one_line_error(capsys, cli.main(argv), f"the training loss became nan in epoch 2, {where}: training stopped;", 1)
     assert "keeps the backup of the 1 finished epoch(s) and the best model so far (best_model.keras)" in err
     assert {"run.json", "backup", "history.json", "history.csv", "best_model.keras"} == set(os.listdir(out))
     with open(out / "history.json") as file:

@@ -33,7 +33,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         (["train", "mnist_mlp", "--schedule", "vanilla-then-clipped"], "needs switch_epoch or patience"),
         (["train", "mnist_mlp", "--opt", "nope=1", "--limit", "100", "--epochs", "1"], "unknown hyperparameter(s) nope for optimiser 'adam'"),
         (["study", "--tables", "nope"], "argument --tables: invalid choice: 'nope'"),
-        (["study", "--seeds", "0"], "argument --seeds: expected an integer >= 1, got 0"),
+        (["study", "--seeds", "0"], "argument --seeds: expected an integer in [1, 1000], got 0"),
+        # 2**31 runs per cell: refused at once (it used to build the grid until memory ran out)
+        (["study", "--quick", "--seeds", "2147483648"], "argument --seeds: expected an integer in [1, 1000], got 2147483648"),
         (["fly"], "argument COMMAND: invalid choice: 'fly'"),
         ([], "the following arguments are required: COMMAND"),
     ],

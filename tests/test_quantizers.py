@@ -22,13 +22,23 @@ def reference_grad(x, upstream, clip_value):
     return np.where(np.abs(x) <= clip_value, upstream, 0.0)
 
 
-def forward_and_grad(quantizer, x, upstream):
-    x = tf.constant(x)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = quantizer(x)
-        loss = tf.reduce_sum(y * upstream)
-    return y.numpy(), tape.gradient(loss, x).numpy()
+def forward_and_grad(quantizer, x, upstream, jit=None):
+    """Eagerly (jit None), or inside a tf.function compiled by XLA (True) or not (False)."""
+
+    def both(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = quantizer(x)
+            loss = tf.reduce_sum(y * upstream)
+        return y, tape.gradient(loss, x)
+
+    if jit is not None:
+        both = tf.function(both, jit_compile=jit)
+    y, grad = both(tf.constant(x))
+    return y.numpy(), grad.numpy()
+
+
+JIT = [None, False, True]  # eager, graph, XLA (the speed setting's "on")
 
 
 CASES = [
@@ -41,16 +51,18 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("jit", JIT)
 @pytest.mark.parametrize("cls,kwargs,clip_value", CASES)
-def test_forward_and_gradient_match_numpy(cls, kwargs, clip_value):
+def test_forward_and_gradient_match_numpy(cls, kwargs, clip_value, jit):
     upstream = np.linspace(-2.0, 3.0, VALUES.size).astype("float32")
-    y, grad = forward_and_grad(cls(**kwargs), VALUES, upstream)
+    y, grad = forward_and_grad(cls(**kwargs), VALUES, upstream, jit)
     np.testing.assert_array_equal(y, reference_sign(VALUES))
     np.testing.assert_array_equal(grad, reference_grad(VALUES, upstream, clip_value))
 
 
+@pytest.mark.parametrize("jit", JIT)
 @pytest.mark.parametrize("clipped", [False, True])
-def test_switchable_gradients_in_a_layer_for_weights_and_activations(clipped):
+def test_switchable_gradients_in_a_layer_for_weights_and_activations(clipped, jit):
     """As input and kernel quantiser of a QuantDense: both gradients follow the phase."""
     x = np.array([[-2.0, -1.0, 0.0, 0.3, 1.0, 1.5]], "float32")
     kernel = np.array([[-1.5], [-0.2], [0.0], [0.9], [1.0], [2.5]], "float32")
@@ -63,21 +75,26 @@ def test_switchable_gradients_in_a_layer_for_weights_and_activations(clipped):
     layer.build((None, 6))
     layer.kernel.assign(kernel)
     xt = tf.constant(x)
-    with tf.GradientTape() as tape:
-        tape.watch(xt)
-        y = tf.reduce_sum(layer(xt))
-    dx, dk = tape.gradient(y, [xt, layer.kernel])
+
+    def grads(xt):
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            y = tf.reduce_sum(layer(xt))
+        return tape.gradient(y, [xt, layer.kernel])
+
+    dx, dk = (grads if jit is None else tf.function(grads, jit_compile=jit))(xt)
     clip = CLIP if clipped else None
     # y = sum_j sign(x_j) sign(k_j): dy/dsign(x) = sign(k), dy/dsign(k) = sign(x)
     np.testing.assert_array_equal(dx.numpy(), reference_grad(x, reference_sign(kernel.T), clip))
     np.testing.assert_array_equal(dk.numpy(), reference_grad(kernel, reference_sign(x.T), clip))
 
 
-def test_switch_changes_gradient_of_the_same_traced_function():
+@pytest.mark.parametrize("jit", [False, True])
+def test_switch_changes_gradient_of_the_same_traced_function(jit):
     q = SwitchableSteSign()
     x = tf.constant(VALUES)
 
-    @tf.function
+    @tf.function(jit_compile=jit)
     def grad():
         with tf.GradientTape() as tape:
             tape.watch(x)

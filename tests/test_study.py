@@ -174,3 +174,16 @@ def test_real_schedules_table_end_to_end(tmp_path):
     assert again["markdown"] == result["markdown"]
     for cell, summaries in again["tables"]["schedules"].items():
         assert summaries[0]["test_error_at_best"] == runs[cell][0]["test_error_at_best"], cell
+
+
+@pytest.mark.parametrize("seeds, message", [
+    (0, "seeds must be a count in [1, 1000] (runs per cell), got 0"),
+    (2**31, "seeds must be a count in [1, 1000] (runs per cell), got 2147483648"),
+    (range(1001), "seeds must name at most 1000 seeds (runs per cell), got 1001"),
+    ([], "seeds must name at least one seed"),
+])
+def test_a_seed_count_out_of_range_is_refused_before_the_grid_is_built(tmp_path, seeds, message):
+    with pytest.raises(ValueError) as error:
+        study.run_study(tmp_path / "s", study.quick(), tables=["clipping"], seeds=seeds)
+    assert str(error.value) == message
+    assert not (tmp_path / "s").exists()

@@ -55,7 +55,8 @@ class _SwitchAtEpoch(tf.keras.callbacks.Callback):
         self.traces.append(self.model.train_function.experimental_get_tracing_count())
 
 
-def test_switching_inside_one_fit_freezes_large_weights_without_retracing():
+@pytest.mark.parametrize("jit, block", [(False, 1), (True, 1), (True, 4)])  # the speed settings' choices
+def test_switching_inside_one_fit_freezes_large_weights_without_retracing(jit, block):
     tf.keras.utils.set_random_seed(0)
     layer = lq.layers.QuantDense(4, use_bias=False, kernel_quantizer=SwitchableSteSign())
     model = tf.keras.Sequential([tf.keras.Input((6,)), layer])
@@ -65,7 +66,7 @@ def test_switching_inside_one_fit_freezes_large_weights_without_retracing():
     kernel[large] = np.sign(kernel[large]) * 1.5  # |w| > 1: outside the clipped STE
     layer.kernel.assign(kernel)
     # Plain SGD: no momentum carries old gradients into the clipped phase.
-    model.compile(optimizer=tf.keras.optimizers.SGD(0.01), loss="mse")
+    model.compile(optimizer=tf.keras.optimizers.SGD(0.01), loss="mse", jit_compile=jit, steps_per_execution=block)
     x = np.random.RandomState(1).randn(32, 6).astype("float32")
     y = np.random.RandomState(2).randn(32, 4).astype("float32")
     recorder = _SwitchAtEpoch(at=1)

@@ -4,7 +4,8 @@
 
 POINT (epochs count over both stages of a two-stage run, all 0-based):
 
-- ``batch:E:B``: after batch B of epoch E, mid-epoch;
+- ``batch:E:B``: after the execution block holding batch B of epoch E (batch B itself with
+  ``steps_per_execution`` 1), before the epoch ends;
 - ``history:E``: right after epoch E's history row is written, before its backup;
 - ``backup:E``: right after epoch E's backup, before its best model is promoted.
 """
@@ -31,9 +32,10 @@ def kill_at(point: str) -> None:
         original_batch = callbacks.StopOnNonFinite.on_train_batch_end
 
         def on_train_batch_end(self, batch, logs=None):
+            first = self._done  # 0-based first batch of the block this hook ends (steps_per_execution)
             original_batch(self, batch, logs)
-            if [self.epoch_offset + self._epoch, batch] == at:
-                die()
+            if self.epoch_offset + self._epoch == at[0] and first <= at[1] <= batch:
+                die()  # after the block holding batch at[1] (that batch itself when a block is one step)
 
         callbacks.StopOnNonFinite.on_train_batch_end = on_train_batch_end
     elif kind == "history":

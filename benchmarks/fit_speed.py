@@ -1,0 +1,225 @@
+"""Training speed: a plain Larq model versus bnn_keras with its speed settings off and on "auto".
+
+For each network (the MLPs 3x2048 and 3x256 on the embedded Fashion-MNIST subset,
+VGG-10 at width 1 and 0.25 on random 32x32x3 images in CIFAR-10's file format) and each
+of binaryconnect and binarynet, three ways to train it, interleaved (a b c a b c ...) so
+machine noise hits all alike:
+
+- (a) plain Larq: the same network written with Larq's ``"ste_sign"`` and
+  ``"weight_clip"``, compiled with Keras' defaults, ``model.fit`` on NumPy arrays with
+  validation data, as a user would write it;
+- (b) `bnn_keras.training.run` with ``jit="off"``, ``steps_per_execution=1``;
+- (c) `bnn_keras.training.run` with both on "auto" (the defaults).
+
+ms/step is an epoch's wall time (training and validation, as `EpochClock` measures it)
+over its training steps, the median of the epochs after the first (the first traces and
+compiles). Useful GFLOP/s is 6 x multiply-adds per example x batch / step time (forward
+2, backward 4), against a 2048x2048 float32 matmul measured in the same run. "input"
+is the time to draw one epoch's batches from bnn_keras' pipeline alone over (c)'s epoch
+time: the most its training can wait for data (prefetching overlaps it).
+
+    python benchmarks/fit_speed.py                # everything (about 15 min on 2 cores)
+    python benchmarks/fit_speed.py --models mlp256 --rounds 3
+
+Prints the table and writes benchmarks/results/fit_speed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import bnn_keras  # noqa: E402, F401
+from bnn_keras import callbacks as bk_callbacks  # noqa: E402
+from bnn_keras import data as bk_data  # noqa: E402
+from bnn_keras import models as bk_models  # noqa: E402
+from bnn_keras import training  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "fit_speed.md"
+
+# name: (recipe model, model_kwargs, dataset, limit, epochs)
+NETWORKS: dict[str, tuple[str, dict[str, Any], str, int | None, int]] = {
+    "mlp2048": ("mlp", {"hidden_units": (2048, 2048, 2048)}, "embedded", None, 3),
+    "mlp256": ("mlp", {"hidden_units": (256, 256, 256)}, "embedded", None, 4),
+    "vgg10_w1": ("vgg10", {"width_multiplier": 1.0}, "cifar10", 600, 3),
+    "vgg10_w025": ("vgg10", {"width_multiplier": 0.25}, "cifar10", 2200, 3),
+}
+VARIANTS = ("binaryconnect", "binarynet")
+BATCH = 100
+
+
+def matmul_gflops() -> float:
+    """Best of 20 2048x2048 float32 matmuls, in GFLOP/s."""
+    a = tf.random.normal([2048, 2048])
+    b = tf.random.normal([2048, 2048])
+    f = tf.function(lambda: tf.reduce_sum(tf.matmul(a, b)))
+    f().numpy()
+    best = min(_timed(lambda: f().numpy()) for _ in range(20))
+    return 2 * 2048**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def macs_per_example(model: tf.keras.Model) -> int:
+    """Multiply-adds of one forward pass through the dense and convolution layers."""
+    total = 0
+    for layer in model.submodules:
+        if isinstance(layer, tf.keras.layers.Conv2D):
+            kernel = int(np.prod(layer.kernel.shape))
+            total += kernel * int(np.prod(layer.output_shape[1:3]))
+        elif isinstance(layer, tf.keras.layers.Dense):
+            total += int(np.prod(layer.kernel.shape))
+    return total
+
+
+def fake_cifar10(folder: Path, examples: int) -> None:
+    """Random images and labels in CIFAR-10's binary format (speed does not depend on pixels)."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    per_file = -(-examples // 5)
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        records = rng.integers(0, 256, size=(per_file, 3073), dtype=np.uint8)
+        records[:, 0] %= 10
+        (folder / name).write_bytes(records.tobytes())
+
+
+def plain_larq(model: tf.keras.Model) -> tf.keras.Model:
+    """`model` rebuilt with Larq's "ste_sign" and "weight_clip" in place of bnn_keras' switchables."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            name = value.get("class_name", "")
+            if name.endswith("SwitchableSteSign"):
+                return "ste_sign"
+            if name.endswith("SwitchableWeightClip"):
+                return "weight_clip"
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value
+
+    config = plain(json.loads(model.to_json()))
+    return tf.keras.models.model_from_json(json.dumps(config))
+
+
+def epoch_ms_per_step(rows: list[dict[str, Any]], steps: int) -> float:
+    return statistics.median(row["epoch_time_s"] for row in rows[1:]) * 1e3 / steps
+
+
+def run_plain(recipe: training.Recipe, arrays: tuple[np.ndarray, ...], input_shape, classes: int) -> float:
+    x_fit, y_fit, x_val, y_val = arrays
+    tf.keras.utils.set_random_seed(0)
+    built = bk_models.get(recipe.model)(input_shape, classes, variant=recipe.variant, bn_momentum=recipe.bn_momentum,
+                                        bn_epsilon=recipe.bn_epsilon, **recipe.model_kwargs)
+    model = plain_larq(built)
+    model.compile(optimizer=tf.keras.optimizers.Adam(recipe.lr_start), loss=tf.keras.losses.SquaredHinge(),
+                  metrics=["accuracy"])
+    clock = bk_callbacks.EpochClock()
+    rows: list[dict[str, Any]] = []
+    record = tf.keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: rows.append(dict(logs)))
+    model.fit(x_fit, y_fit, batch_size=BATCH, epochs=recipe.epochs, validation_data=(x_val, y_val),
+              callbacks=[clock, record], verbose=0)
+    return epoch_ms_per_step(rows, -(-len(x_fit) // BATCH))
+
+
+def run_bnn(recipe: training.Recipe, steps: int) -> tuple[float, dict[str, Any]]:
+    result = training.run(recipe, overwrite=True)
+    return epoch_ms_per_step(result["history"], steps), result["speed"]
+
+
+def arrays_for(recipe: training.Recipe) -> tuple[tuple[np.ndarray, ...], tuple[int, ...], int]:
+    """The standardised arrays bnn_keras trains on, read back from its pipelines (for the plain fit)."""
+    splits = bk_data.load(recipe.dataset, data_dir=recipe.data_dir, raw_dir=recipe.raw_dir, batch_size=1000,
+                          validation_fraction=recipe.validation_fraction, targets="hinge", limit=recipe.limit)
+    parts = []
+    for ds in (splits.train, splits.validation):
+        xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in ds])
+        parts += [np.concatenate(xs), np.concatenate(ys)]
+    return tuple(parts), splits.input_shape, splits.num_classes
+
+
+def input_seconds(recipe: training.Recipe) -> float:
+    """Seconds to draw one epoch of training batches from bnn_keras' pipeline (cache warm)."""
+    splits = bk_data.load(recipe.dataset, data_dir=recipe.data_dir, raw_dir=recipe.raw_dir, batch_size=BATCH,
+                          validation_fraction=recipe.validation_fraction, targets="hinge", limit=recipe.limit)
+    for _ in splits.train:  # fills the cache
+        pass
+    return min(_timed(lambda: [None for _ in splits.train]) for _ in range(3))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=list(NETWORKS), default=list(NETWORKS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of a, b, c (default 2)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="fit_speed_"))
+    fake_cifar10(work / "raw", 2 * max(n[3] or 0 for n in NETWORKS.values()) + 1000)
+    started = time.perf_counter()
+    matmul = matmul_gflops()
+    print(f"matmul 2048x2048 float32: {matmul:.1f} GFLOP/s", flush=True)
+    lines = []
+    for name in args.models:
+        model_name, kwargs, dataset, limit, epochs = NETWORKS[name]
+        for variant in args.variants:
+            recipe = training.Recipe(
+                name=f"{name}_{variant}", dataset=dataset, model=model_name, model_kwargs=kwargs, variant=variant,
+                bn_momentum=0.85 if model_name == "mlp" else 0.9, epochs=epochs, batch_size=BATCH, limit=limit,
+                raw_dir=os.fspath(work / "raw") if dataset == "cifar10" else None,
+                data_dir=os.fspath(work / "tfds") if dataset == "cifar10" else None, verbose=0,
+            )
+            arrays, shape, classes = arrays_for(recipe)
+            steps = -(-len(arrays[0]) // BATCH)
+            off = recipe.replace(jit="off", steps_per_execution=1, output_dir=os.fspath(work / "b"))
+            auto = recipe.replace(output_dir=os.fspath(work / "c"))
+            times: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+            chosen: dict[str, Any] = {}
+            for _ in range(args.rounds):
+                times["a"].append(run_plain(recipe, arrays, shape, classes))
+                times["b"].append(run_bnn(off, steps)[0])
+                ms, chosen = run_bnn(auto, steps)
+                times["c"].append(ms)
+            a, b, c = (statistics.median(times[k]) for k in "abc")
+            macs = macs_per_example(bk_models.get(model_name)(shape, classes, variant=variant, **kwargs))
+            gflops = 6 * macs * BATCH / (c / 1e3) / 1e9
+            waiting = input_seconds(recipe) / (c / 1e3 * steps)
+            line = (f"| {name} | {variant} | {a:.1f} | {b:.1f} | {c:.1f} | {b / a:.2f} | {c / a:.2f} | "
+                    f"{6 * macs * BATCH / (a / 1e3) / 1e9:.1f} | {gflops:.1f} ({gflops / matmul:.0%}) | {waiting:.1%} | "
+                    f"{'XLA' if chosen['jit_compile'] else 'no XLA'}, {chosen['steps_per_execution']} |")
+            lines.append(line)
+            print(line, flush=True)
+    table = "\n".join([
+        "| network | variant | (a) Larq ms/step | (b) off ms/step | (c) auto ms/step | b/a | c/a | "
+        "(a) GFLOP/s | (c) GFLOP/s (of matmul) | input | auto chose |",
+        "|---|---|---|---|---|---|---|---|---|---|---|", *lines])
+    header = (f"Measured by `python benchmarks/fit_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+              f" on {os.cpu_count()} CPU cores, TensorFlow {tf.__version__}, batch {BATCH}, Adam, "
+              f"{args.rounds} interleaved round(s), median; matmul 2048x2048 float32: {matmul:.1f} GFLOP/s; "
+              f"{time.perf_counter() - started:.0f} s in all.\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(f"# Training speed\n\n{header}\n{table}\n")
+    print(f"\n{header}\n{table}\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
