@@ -11,6 +11,9 @@ in the README):
   `tf.distribute` strategy (not measured). On a GPU or TPU: on for every network —
   the usual finding, but no GPU was available to measure it, so that branch is the
   rule on paper.
+- XLA and TensorFlow's op determinism (a recipe's default) do not mix where XLA has no
+  deterministic kernel: MaxPool's gradient (VGG-10) raises UnimplementedError at the
+  first step. "auto" then keeps XLA off; "on" is refused before training, in one line.
 - Steps per execution: the epoch's steps, at most `AUTO_STEPS_CAP`: Keras' per-step
   Python overhead is paid once per block instead of once per step (the 3x256 MLP: 1.5x
   faster). Callbacks' batch hooks (the progress bar, the non-finite-loss check) then
@@ -34,7 +37,7 @@ import tensorflow as tf
 
 from bnn_keras.recipe import FIELDS, JIT_MODES
 
-__all__ = ["AUTO_STEPS_CAP", "JIT_MODES", "SpeedPlan", "choose", "device_kind", "has_convolutions"]
+__all__ = ["AUTO_STEPS_CAP", "JIT_MODES", "SpeedPlan", "choose", "device_kind", "has_convolutions", "xla_nondeterministic_layers"]
 
 AUTO_STEPS_CAP = 64
 """The most steps "auto" puts in one execution block (the progress bar and the non-finite check see every block)."""
@@ -77,6 +80,12 @@ def has_convolutions(model: tf.keras.Model) -> bool:
     return any(isinstance(m, convolution) for m in model.submodules)
 
 
+def xla_nondeterministic_layers(model: tf.keras.Model) -> list[str]:
+    """Names of `model`'s layers whose gradient XLA cannot compute deterministically (max pooling)."""
+    pooling = (tf.keras.layers.MaxPool1D, tf.keras.layers.MaxPool2D, tf.keras.layers.MaxPool3D)
+    return [m.name for m in model.submodules if isinstance(m, pooling)]
+
+
 def choose(
     model: tf.keras.Model,
     *,
@@ -84,19 +93,33 @@ def choose(
     steps_per_execution: int | str = "auto",
     steps_per_epoch: int | None = None,
     strategy: tf.distribute.Strategy | None = None,
+    deterministic: bool = False,
 ) -> SpeedPlan:
     """The `SpeedPlan` for training `model` under `strategy` (the current one if None).
 
     `jit`: "auto", "on" or "off". `steps_per_execution`: "auto" or an integer >= 1
     (a block longer than the epoch is cut to the epoch by Keras). `steps_per_epoch`
-    bounds the "auto" block.
+    bounds the "auto" block. `deterministic`: TensorFlow's op determinism will be on.
+
+    Raises:
+        ValueError: ``jit="on"`` with `deterministic` for a model XLA cannot train
+            deterministically (`xla_nondeterministic_layers`).
     """
     FIELDS["jit"].check("jit", jit)
     FIELDS["steps_per_execution"].check("steps_per_execution", steps_per_execution)
     strategy = strategy or tf.distribute.get_strategy()
     device = device_kind(strategy)
+    blocking = xla_nondeterministic_layers(model) if deterministic else []
+    if jit == "on" and blocking:
+        raise ValueError(
+            f"jit 'on' cannot train {model.name!r} deterministically: XLA has no deterministic gradient for "
+            f"max pooling ({blocking[0]}{' and more' if len(blocking) > 1 else ''}); "
+            "pass --nondeterministic (deterministic=False), or --jit auto / off"
+        )
     if jit != "auto":
         jit_compile, jit_reason = jit == "on", f"jit {jit!r} asked for"
+    elif blocking:
+        jit_compile, jit_reason = False, f"auto: max pooling ({blocking[0]}) has no deterministic XLA gradient"
     elif strategy.num_replicas_in_sync > 1:
         jit_compile, jit_reason = False, f"auto: {strategy.num_replicas_in_sync} replicas, XLA not measured with tf.distribute"
     elif device != "CPU":

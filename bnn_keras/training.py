@@ -256,6 +256,7 @@ class _Run:
             steps_per_execution=recipe.steps_per_execution,
             steps_per_epoch=self.steps_per_epoch,
             strategy=self.strategy,
+            deterministic=recipe.deterministic,
         )
         if recipe.verbose and self.speed is not None and plan != self.speed:  # the first is announced
             print(f"bnn-keras: speed: {plan.describe()}", flush=True)

@@ -120,3 +120,29 @@ def test_blocks_of_steps_change_no_number_and_xla_only_rounding(tmp_path):
     np.testing.assert_allclose(_numbers(xla), _numbers(plain), rtol=1e-4)
     # accuracies are counts over 30 / 30 / 300 examples: rounding moves none of them
     assert [r[1::2] for r in _numbers(xla)] == [r[1::2] for r in _numbers(plain)]
+
+
+def test_xla_with_op_determinism_and_max_pooling_is_avoided_by_auto_and_refused_for_on(tmp_path, capsys):
+    """TensorFlow: "MaxPool gradient ops do not yet have a deterministic XLA implementation" (at the first step)."""
+    vgg = _vgg()
+    assert speed.xla_nondeterministic_layers(vgg) == ["pool_2", "pool_4", "pool_6"]
+    with pytest.raises(ValueError) as error:
+        speed.choose(vgg, jit="on", deterministic=True)
+    assert str(error.value) == (
+        "jit 'on' cannot train 'vgg10_binaryconnect' deterministically: XLA has no deterministic gradient for "
+        "max pooling (pool_2 and more); pass --nondeterministic (deterministic=False), or --jit auto / off")
+    assert speed.choose(vgg, jit="on", deterministic=False).jit_compile is True
+    out = tmp_path / "run"
+    argv = ["train", "cifar10_vgg10", "--dataset", "embedded", "--width-multiplier", "0.0625", "--jit", "on",
+            "--out", str(out)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "jit 'on' cannot train 'vgg10_binaryconnect' deterministically" in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_auto_on_a_gpu_keeps_xla_off_for_max_pooling_under_op_determinism(monkeypatch):
+    monkeypatch.setattr(speed, "device_kind", lambda strategy=None: "GPU")
+    plan = speed.choose(_vgg(), deterministic=True)
+    assert plan.jit_compile is False and plan.jit_reason == "auto: max pooling (pool_2) has no deterministic XLA gradient"
+    assert speed.choose(_mlp(), deterministic=True).jit_compile is True
