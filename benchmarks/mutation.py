@@ -110,6 +110,12 @@ TARGETS: dict[str, Target] = {
     "own_model": Target(
         "bnn_keras/switchable.py", None, ("tests/test_make_switchable.py", "tests/test_own_model.py")
     ),
+    "speed": Target(
+        "bnn_keras/speed.py", None, ("tests/test_speed.py",)
+    ),
+    "non_finite": Target(
+        "bnn_keras/callbacks.py", ("StopOnNonFinite",), ("tests/test_bad_input.py",)
+    ),
 }
 
 _SWAP_COMPARE = {
