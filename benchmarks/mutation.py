@@ -114,7 +114,7 @@ TARGETS: dict[str, Target] = {
         "bnn_keras/speed.py", None, ("tests/test_speed.py",)
     ),
     "non_finite": Target(
-        "bnn_keras/callbacks.py", ("StopOnNonFinite",), ("tests/test_bad_input.py",)
+        "bnn_keras/callbacks.py", ("StopOnNonFinite",), ("tests/test_bad_input.py", "tests/test_callbacks.py")
     ),
 }
 

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import bnn_keras
+from bnn_keras import callbacks
 from bnn_keras.callbacks import BestValidation, ClippingSchedule
 from bnn_keras.constraints import SwitchableWeightClip
 from bnn_keras.quantizers import SwitchableSteSign
@@ -360,3 +361,16 @@ def test_replay_starts_afresh_each_time_it_is_called():
     assert (schedule._best, schedule.switched_at_epoch) == (0.2, 1)
     schedule.replay([{"val_loss": 0.9, "clipping_phase": 0.0}, {"val_loss": 0.8, "clipping_phase": 0.0}])
     assert (schedule._best, schedule._wait, schedule.switched_at_epoch) == (0.8, 0, None)
+
+
+def test_stop_on_non_finite_names_the_first_block_from_construction_on():
+    """Straight after construction (epoch 0, offset 0): the first block is batches 1-3 of epoch 1."""
+    stop = callbacks.StopOnNonFinite(steps=6)
+    stop.on_train_batch_end(2, {"loss": 0.5})  # a finite block: nothing
+    with pytest.raises(callbacks.TrainingDivergedError) as error:
+        stop.on_train_batch_end(5, {"loss": float("inf")})
+    assert str(error.value) == "the training loss became inf in epoch 1, batches 4-6 of 6"
+    fresh = callbacks.StopOnNonFinite()
+    with pytest.raises(callbacks.TrainingDivergedError, match="^the training loss became nan in epoch 1, batches 1-3$"):
+        fresh.on_train_batch_end(2, {"loss": float("nan")})
+    assert fresh.get_config() == {"epoch_offset": 0, "steps": None}

@@ -146,3 +146,30 @@ def test_auto_on_a_gpu_keeps_xla_off_for_max_pooling_under_op_determinism(monkey
     plan = speed.choose(_vgg(), deterministic=True)
     assert plan.jit_compile is False and plan.jit_reason == "auto: max pooling (pool_2) has no deterministic XLA gradient"
     assert speed.choose(_mlp(), deterministic=True).jit_compile is True
+
+
+def test_the_plan_reads_as_it_was_chosen():
+    """The words, not just the fields: what the run log and summary.json show."""
+    on = speed.choose(_mlp(), steps_per_epoch=45)
+    assert on.describe() == (
+        "XLA on (auto: CPU, no convolution layers (XLA measured 2x faster on the 3x2048 MLP)); "
+        "45 step(s) per execution (auto: the epoch's 45 steps)")
+    off = speed.choose(_vgg(), steps_per_epoch=540)
+    assert off.describe() == (
+        "XLA off (auto: CPU, convolution layers (XLA measured 1.6-2x slower on VGG-10)); "
+        "64 step(s) per execution (auto: at most 64)")
+    assert speed.choose(_mlp(), steps_per_epoch=1).steps_per_execution == 1  # an epoch of one step: blocks of one
+
+
+def test_choose_checks_its_own_arguments():
+    with pytest.raises(ValueError, match="^unknown jit 'fast': expected one of 'auto', 'on', 'off'$"):
+        speed.choose(_mlp(), jit="fast")
+    with pytest.raises(ValueError, match="^steps_per_execution must be 'auto' or an integer >= 1, got 0$"):
+        speed.choose(_mlp(), steps_per_execution=0)
+
+
+def test_device_kind_reads_the_strategy_devices():
+    gpus = _Replicas(2)
+    gpus.extended.worker_devices = ("/job:localhost/replica:0/task:0/device:GPU:0", "/device:GPU:1")
+    assert speed.device_kind(gpus) == "GPU"
+    assert speed.device_kind(_Replicas(2)) == "CPU"
