@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Iterator
+from typing import Iterator, Sequence
 
 _FIX = (
     "set TF_USE_LEGACY_KERAS=1 in the environment before starting Python "
@@ -69,6 +69,16 @@ def quiet_interrupt() -> Iterator[None]:
         raise SystemExit(130) from None
 
 
+def explicit_verbose(argv: Sequence[str]) -> str | None:
+    """The value of ``--verbose`` in a command line (``--verbose V`` or ``--verbose=V``), None without one."""
+    for i, arg in enumerate(argv):
+        if arg == "--verbose" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--verbose="):
+            return arg.partition("=")[2]
+    return None
+
+
 def import_tensorflow(quiet: bool) -> str:
     """Import TensorFlow; with `quiet`, keep its C++ start-up lines off the terminal and return them.
 
@@ -86,8 +96,7 @@ def import_tensorflow(quiet: bool) -> str:
         return ""
     import tempfile
 
-    everything = any(a == "--verbose=2" or (a == "--verbose" and b == "2") for a, b in zip(sys.argv, sys.argv[1:] + [""]))
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if everything else "3")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if explicit_verbose(sys.argv[1:]) == "2" else "3")
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:

@@ -27,6 +27,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
+from bnn_keras._keras_setup import explicit_verbose
+
 __all__ = ["build_parser", "main"]
 
 PROG = "bnn-keras"
@@ -277,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from bnn_keras import TENSORFLOW_LOG as tensorflow_log
 
-    if _explicit_verbose(argv) == "2":  # the user asked for everything
+    if explicit_verbose(argv) == "2":  # the user asked for everything
         sys.stderr.write(tensorflow_log)
     else:  # TensorFlow's Python-side notices ("Compiled the loaded model ...", "Skipping full serialization ...")
         logging.getLogger("tensorflow").setLevel(logging.ERROR)
@@ -358,15 +360,6 @@ def _internal_error(error: BaseException, tensorflow_log: str) -> int:
         file=sys.stderr,
     )
     return 3
-
-
-def _explicit_verbose(argv: Sequence[str]) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg == "--verbose" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--verbose="):
-            return arg.partition("=")[2]
-    return None
 
 
 def _one_line(error: BaseException) -> str:
