@@ -311,3 +311,59 @@ def test_a_real_lce_kernel_bug_is_localised_at_its_layer():
     message = str(error.value)
     assert "(first wrong layer 'bn' (BatchNormalization, computed in one with 'bconv'): " in message
     assert message.endswith("wrong values, not sign flips (a broken kernel, or weights that differ from Keras'))")
+
+
+def _localise_module():
+    import importlib
+
+    return importlib.import_module("bnn_keras.export.localise")  # the package's `localise` is the function
+
+
+def _comparison(name: str, wrong_share: float, replay: float | None):
+    return _localise_module().LayerComparison(
+        name=name, class_name="TFOpLambda" if replay is None else "BatchNormalization", tensor=name, scale=20.0,
+        wrong_share=wrong_share, wrong_inputs=4, max_abs_diff=2.9, confirmed=True, computed_with=[],
+        replay_wrong_share=replay, replay_max_abs_diff=None if replay is None else 3e-5,
+    )
+
+
+def test_a_layer_that_cannot_be_replayed_inherits_the_flips_of_the_layer_before_it():
+    """QuickNet's case: BN right on the file's own inputs, then a TFOpLambda add off on 1.8% of its elements."""
+    localise_module = _localise_module()
+
+    layers = [_comparison("bn_9", 0.0027, 0.0), _comparison("add_5", 0.0027, None),
+              _comparison("bn_10", 0.0165, 0.0), _comparison("add_6", 0.0182, None)]
+    kind, layer, summary = localise_module._verdict(layers, 16)
+    assert (kind, layer) == ("sign flips", "bn_9")
+    # The same add as the first layer off is judged against Keras: 1.8% > FLIP_SHARE is wrong values.
+    kind, layer, _ = localise_module._verdict(layers[3:], 16)
+    assert (kind, layer) == ("wrong values", "add_6") and 0.0182 > localise_module.FLIP_SHARE
+
+
+def _top1(expected: np.ndarray, actual: np.ndarray) -> float:
+    return float(np.mean(np.argmax(expected, -1) == np.argmax(actual, -1)))
+
+
+def test_a_top1_moved_only_by_sign_flips_is_excused_and_a_broken_kernel_is_not():
+    tf.keras.utils.set_random_seed(0)
+    model = models.mlp((28, 28, 1), 10, hidden_units=(64,), variant="binarynet")  # flips at exact zeros
+    x = np.random.default_rng(0).standard_normal((100, 28, 28, 1)).astype(np.float32)
+    flatbuffer = export.convert(model, "tflite", verify=False).flatbuffer
+    (actual,) = export.FlatbufferRunner(flatbuffer, "tflite").predict(x)
+    expected = model.predict(x, verbose=0)
+    top1 = _top1(expected, actual)
+    assert top1 < 0.99  # the sign flips move some top classes: top-1 alone would fail the file
+    options = dict(min_top1=0.99, max_abs_diff=None, output_rtol=verify.OUTPUT_RTOL, max_wrong_share=1.0)
+    v = verify.check_flatbuffer(model, flatbuffer, "tflite", x, "random", **options)
+    assert v["top1_excused"] is True and top1 <= v["top1_agreement"] < 0.99  # ties count either way
+    assert any(n.startswith(f"top-1 agreement {100 * v['top1_agreement']:.1f}% < 99.0% is excused") for n in v["notes"])
+    # A broken kernel (one output unit's signs flipped) moves top classes with wrong values: not excused.
+    broken = tf.keras.models.clone_model(model)
+    broken.set_weights(model.get_weights())
+    kernel = broken.get_layer("dense_out").kernel
+    kernel.assign(tf.tensor_scatter_nd_update(kernel, [[i, 3] for i in range(kernel.shape[0])], -kernel[:, 3]))
+    bad_file = export.convert(broken, "tflite", verify=False).flatbuffer
+    (bad,) = export.FlatbufferRunner(bad_file, "tflite").predict(x)
+    assert _top1(expected, bad) < 0.99
+    with pytest.raises(export.ExportVerificationError, match=r"top-1 agreement .*wrong values"):
+        verify.check_flatbuffer(model, bad_file, "tflite", x, "random", **options)

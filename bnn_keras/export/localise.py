@@ -13,7 +13,9 @@ A layer off on more than `FLIP_SHARE` of its elements even from the file's own i
 computes something else ("wrong values": a broken kernel, or weights that differ from
 Keras'). A layer right on the file's own inputs but off against Keras inherits its
 difference: where that starts with inputs that agree within rounding, pre-sign values
-within float rounding of 0 took the other sign ("sign flips").
+within float rounding of 0 took the other sign ("sign flips"). A layer that cannot be
+replayed (e.g. a ``TFOpLambda`` add) is judged against Keras only when it is the first to
+depart: behind a layer already off it inherits that layer's difference.
 
 Names can mislead (a fused op is named after its first layers, and names are cut at 50
 characters), so a tensor off against its named layer but equal to a layer just below
@@ -265,7 +267,9 @@ def _called(c: LayerComparison) -> str:
 def _verdict(layers: list[LayerComparison], n: int) -> tuple[str, str | None, str]:
     """(kind, layer, one-line summary) from the confirmed comparisons in layer order."""
     departing = [c for c in layers if c.confirmed and c.wrong_share > 0]
-    for c in departing:
+    for index, c in enumerate(departing):
+        if c.replay_wrong_share is None and index > 0:
+            continue  # not replayable (e.g. a TFOpLambda add), and fed by a layer already off: it inherits
         own = c.wrong_share if c.replay_wrong_share is None else c.replay_wrong_share
         if own > FLIP_SHARE:
             source = "against Keras" if c.replay_wrong_share is None else "from the file's own inputs"

@@ -9,7 +9,12 @@ An output with a class axis (last axis longer than 1) is checked twice:
   notes it); a file off by a tenth of the logit scale still agrees on every argmax.
 
 Binary activations flip where a pre-sign value is within float rounding of 0, which moves
-the outputs of a few inputs by more than rounding: hence a share of inputs, not all. An
+the outputs of a few inputs by more than rounding: hence a share of inputs, not all. Such
+a flip can move the top class of an input too (a chaotic untrained network: QuickNet with
+random BatchNorm statistics moves 2 of 100), so a top-1 agreement under min_top1 is
+excused when it is the only failure, the localisation finds sign flips (not wrong values),
+and every input whose top class moved is among the inputs off (the result says
+``top1_excused`` and a note says why). An
 output without a class axis (one value per example, e.g. a regressor's) passes when
 max |diff| <= value_rtol x max(1, max |Keras output|) on every input. A bound on max
 |output difference| of every output is optional. On a failure (or on request) the report
@@ -195,11 +200,36 @@ def _class_values(e: np.ndarray, a: np.ndarray, output_rtol: float | None, quant
     }
 
 
+def _top1_failure(result: dict[str, Any], min_top1: float) -> str:
+    return f"top-1 agreement {100 * result['top1_agreement']:.1f}% < {100 * min_top1:.1f}%"
+
+
+def _flipped_within_rounding(expected: list[np.ndarray], actual: list[np.ndarray], output_rtol: float | None) -> int:
+    """Inputs whose top class moved (beyond ties) though their outputs agree within `output_rtol`.
+
+    -1 when the values are not checked (no `output_rtol`): then nothing excuses a moved top class.
+    """
+    if output_rtol is None:
+        return -1
+    count = 0
+    for e, a in zip(expected, actual):
+        if not _has_class_axis(e):
+            continue
+        e2, a2 = e.reshape(-1, e.shape[-1]), a.reshape(-1, e.shape[-1])
+        top_a = np.argmax(a2, -1)
+        chosen = np.take_along_axis(e2, top_a[:, None], -1)[:, 0]
+        moved = chosen < np.max(e2, -1) - _TIE_RTOL * np.maximum(1.0, np.max(np.abs(e2), -1))
+        moved = moved.reshape(len(e), -1).any(axis=1)  # per input
+        _, relative = _relative(e, a)
+        count += int(np.sum(moved & (relative <= output_rtol)))
+    return count
+
+
 def _failures(result: dict[str, Any], min_top1: float, max_abs_diff: float | None) -> list[str]:
     """What in `result` is beyond the thresholds, one phrase each."""
     failures = []
     if result["top1_agreement"] < min_top1:
-        failures.append(f"top-1 agreement {100 * result['top1_agreement']:.1f}% < {100 * min_top1:.1f}%")
+        failures.append(_top1_failure(result, min_top1))
     if max_abs_diff is not None and result["max_abs_diff"] > max_abs_diff:
         failures.append(f"max |diff| {result['max_abs_diff']:.3g} > {max_abs_diff:.3g}")
     for name, value in result["class_values"].items():
@@ -318,6 +348,16 @@ def check_flatbuffer(
         result["localisation"] = found.to_dict()
         if localise:
             result["notes"].append(f"localised: {found.summary}")
+        if failures == [_top1_failure(result, min_top1)] and found.kind == "sign flips":
+            flipped = _flipped_within_rounding(expected, actual, output_rtol)
+            if flipped == 0:  # every input whose top-1 moved is one the sign flips moved: within max_wrong_share
+                failures = []
+                result["top1_excused"] = True
+                result["notes"].append(
+                    f"top-1 agreement {100 * result['top1_agreement']:.1f}% < {100 * min_top1:.1f}% is excused: every "
+                    "input whose top class moved is among those whose outputs sign flips moved "
+                    f"({found.summary.split(':', 1)[0]}), and those stay within max_wrong_share"
+                )
     if failures:
         raise ExportVerificationError(
             f"{runner_target} flatbuffer disagrees with Keras on {len(x)} {source} inputs: "
