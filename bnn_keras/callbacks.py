@@ -6,6 +6,8 @@
   weights and test metrics of the best validation epoch, never stop training.
 - `EpochClock`, `StopOnNonFinite`, `HistoryRows`: the training loop's bookkeeping (epoch
   wall time, stop at the first non-finite loss, one row per epoch handed to a writer).
+- `TensorBoardLog`: each epoch's logs, and how many binary weights flipped sign, as
+  TensorBoard event files (with TensorFlow's own file writer).
 
 Both write what they did into the epoch logs, so `History`, `CSVLogger` and TensorBoard
 see it.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -25,7 +28,15 @@ from bnn_keras import optimizers as bk_optimizers
 from bnn_keras._switch import find_switchables
 from bnn_keras.recipe import FIELDS, Rule
 
-__all__ = ["BestValidation", "ClippingSchedule", "EpochClock", "HistoryRows", "StopOnNonFinite", "TrainingDivergedError"]
+__all__ = [
+    "BestValidation",
+    "ClippingSchedule",
+    "EpochClock",
+    "HistoryRows",
+    "StopOnNonFinite",
+    "TensorBoardLog",
+    "TrainingDivergedError",
+]
 
 
 def _improvement_op(monitor: str, mode: str):
@@ -386,3 +397,108 @@ class HistoryRows(tf.keras.callbacks.Callback):
         self.rows.append(row)
         if self.write is not None:
             self.write(self.rows)
+
+
+def _binary_kernels(model: tf.keras.Model) -> dict[str, tf.Variable]:
+    """The latent kernel of every layer with a kernel quantiser (Larq's binary layers), by layer name."""
+    found: dict[str, tf.Variable] = {}
+    for layer in [model, *model.submodules]:
+        kernel = getattr(layer, "kernel", None)
+        if getattr(layer, "kernel_quantizer", None) is not None and kernel is not None:
+            found.setdefault(layer.name, getattr(kernel, "latent_variable", kernel))
+    return found
+
+
+def _positive(kernel: tf.Variable) -> np.ndarray:
+    """Where the binary weight is +1: Larq's sign maps 0 to +1."""
+    return kernel.numpy() >= 0
+
+
+def _metadata(plugin: str, data_class: str) -> Any:
+    """What TensorBoard's `plugin` ("scalars", "histograms") reads, as its own summary functions write it."""
+    return tf.compat.v1.SummaryMetadata(
+        plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name=plugin), data_class=data_class
+    )
+
+
+def _histogram(values: np.ndarray, bins: int = 30) -> np.ndarray:
+    """TensorBoard's histogram tensor: one row (left edge, right edge, count) per bucket."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if low == high:  # one value: one unit-wide range around it
+        low, high = low - 0.5, high + 0.5
+    counts, edges = np.histogram(values, bins=bins, range=(low, high))
+    return np.stack([edges[:-1], edges[1:], counts.astype(np.float64)], axis=1)
+
+
+@tf.keras.utils.register_keras_serializable(package="bnn_keras")
+class TensorBoardLog(tf.keras.callbacks.Callback):
+    """Write each epoch's logs to TensorBoard event files in `log_dir`, at step `epoch_offset + epoch`.
+
+    Scalars, every epoch: each number of the epoch logs under its own name (``loss``,
+    ``accuracy``, ``val_accuracy``, ``test_accuracy``, ``lr``, ``bn_momentum``,
+    ``clipping_phase``, ...), plus ``flipped_share``: the share of all binary weights
+    whose sign flipped during the epoch, exactly, from the sign of each latent kernel at
+    the epoch's begin and end (Larq's sign: 0 is +1). A binary layer is one with a
+    `kernel_quantizer`; a model without one (a float twin) logs no flipped share. With
+    `histograms`, per binary layer as well: the histogram of its latent kernel at the
+    epoch's end (``latent_weights/<layer>``) and its own share (``flipped_share/<layer>``).
+
+    Put it after the callbacks whose logs it should show (`ClippingSchedule`,
+    `BestValidation`, `HistoryRows`). `epoch_offset` shifts the step, so the stages of
+    one run line up on one axis. Written with `tf.summary.write` alone (no `tensorboard`
+    package needed to write; viewing needs it), flushed after each epoch. A resumed run
+    writes the epochs it redoes again: TensorBoard shows the last values written.
+
+    ```python
+    model.fit(x, y, validation_split=0.1, epochs=10, callbacks=[
+        ClippingSchedule(switch_epoch=5, lr_factor=0.1),
+        TensorBoardLog("runs/x/tensorboard/train", histograms=True)])
+    # tensorboard --logdir runs/x/tensorboard
+    ```
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, histograms: bool = False, epoch_offset: int = 0):
+        super().__init__()
+        Rule("bool").check("histograms", histograms)
+        Rule("int", 0).check("epoch_offset", epoch_offset)
+        self.log_dir, self.histograms, self.epoch_offset = os.fspath(log_dir), histograms, int(epoch_offset)
+        self._writer: Any = None
+        self._positive: dict[str, np.ndarray] = {}  # each binary layer's signs when the epoch began
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._positive = {name: _positive(kernel) for name, kernel in _binary_kernels(self.model).items()}
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        scalars = {name: float(value) for name, value in (logs or {}).items() if np.isscalar(value)}
+        kernels = _binary_kernels(self.model)
+        began, self._positive = self._positive, {}
+        flipped = {
+            name: (int(np.count_nonzero(_positive(kernels[name]) != before)), before.size)
+            for name, before in began.items()
+            if name in kernels
+        }
+        if flipped:
+            scalars["flipped_share"] = sum(n for n, _ in flipped.values()) / sum(m for _, m in flipped.values())
+        if self.histograms:
+            scalars.update({f"flipped_share/{name}": n / m for name, (n, m) in flipped.items()})
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.log_dir)
+        step = self.epoch_offset + epoch
+        scalar = _metadata("scalars", "DATA_CLASS_SCALAR")
+        with self._writer.as_default():
+            for tag, value in scalars.items():
+                tf.summary.write(tag, tf.constant(value, tf.float32), step=step, metadata=scalar)
+            if self.histograms:
+                histogram = _metadata("histograms", "DATA_CLASS_TENSOR")
+                for name, kernel in kernels.items():
+                    tf.summary.write(f"latent_weights/{name}", _histogram(kernel.numpy()), step=step, metadata=histogram)
+        self._writer.flush()
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def get_config(self) -> dict[str, Any]:
+        return {"log_dir": self.log_dir, "histograms": self.histograms, "epoch_offset": self.epoch_offset}

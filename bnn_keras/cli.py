@@ -81,7 +81,8 @@ _RECIPE_FLAGS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("model", "--model", "network (default: the recipe's)", {}),
     ("model", "--variant", "float, binaryconnect (binary weights) or binarynet (binary weights and activations)", {}),
     ("model", "--hidden-units", "mlp: units of each hidden layer (study: 2048 2048 2048)", {"nargs": "+", "metavar": "N"}),
-    ("model", "--width-multiplier", "vgg10: multiply every width by F", {"metavar": "F"}),
+    ("model", "--width-multiplier", "vgg10, resnet18: multiply every width by F", {"metavar": "F"}),
+    ("model", "--block-order", "vgg10: conv -> pool -> BN -> act (paper, the study's) or conv -> BN -> act -> pool (conventional)", {}),
     ("model", "--weight-clip", "weight-clip range: [-1, 1], BinaryConnect's per-layer Glorot range, or no weight-clip constraint", {}),
     ("model", "--real-input", "binarynet: keep the network's input real-valued (default: binarised)", {"dest": "binarize_input", "action": "store_false"}),
     ("model", "--bn-momentum", "BatchNormalization moving-average momentum, in [0, 1) (study: 0.85 MLP, 0.9 CNN)", {"metavar": "M"}),
@@ -101,12 +102,17 @@ _RECIPE_FLAGS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("clipping schedule", "--lr-factor", "multiply the LR by F at the switch (two-stage: for the fine-tuning stage)", {"metavar": "F"}),
     ("clipping schedule", "--switch-bn-momentum", "BN momentum from the switch on (two-stage: of the fine-tuned model)", {"metavar": "M"}),
     ("clipping schedule", "--pretrain-epochs", "two-stage: epochs of float pretraining", {"metavar": "N", "minimum": 1}),
+    ("last mile", "--plateau-action", "at the validation plateau (no gain > --plateau-margin within --plateau-window epochs): none (only recorded in summary.json), reduce_lr (LR x --plateau-lr-factor, once) or stop (early stopping)", {}),
+    ("last mile", "--plateau-window", "plateau window in epochs (default: a tenth of --epochs, at least 2)", {"metavar": "N"}),
+    ("last mile", "--plateau-margin", "smallest validation-accuracy gain that counts, in [0, 1] (default 0.002)", {"metavar": "A"}),
+    ("last mile", "--plateau-lr-factor", "reduce_lr: multiply the LR by F at the plateau (default 0.1)", {"metavar": "F"}),
     ("run", "--seed", "seed of initialisation and shuffling, 0 to 4294967295: one seed, one machine, identical histories", {"metavar": "K", "train_only": True}),
     ("run", "--nondeterministic", "allow TensorFlow's nondeterministic (faster GPU) kernels: runs with one seed then differ slightly, and a resumed run no longer equals an uninterrupted one exactly", {"dest": "deterministic", "action": "store_false"}),
     # train only: a multi-worker strategy is set up once per process, a study runs many
     ("run", "--strategy", "tf.distribute strategy: default (one device), mirrored (local GPUs), multi-worker (cluster in TF_CONFIG), tpu; --batch-size is per replica and the learning rate is scaled by the replica count", {"train_only": True}),
     ("speed", "--jit", "XLA compilation of the train step: auto (on for networks without convolutions on a CPU, off for convolutional ones; on for every network on a GPU), on or off", {}),
     ("speed", "--steps-per-execution", "train steps per call into TensorFlow: auto (the epoch's steps, at most 64) or N; the progress bar and the non-finite-loss check run once per block", {"metavar": "N|auto"}),
+    ("run", "--tensorboard", "write TensorBoard logs to OUT/tensorboard/<stage>/ (view: tensorboard --logdir OUT): scalars (the level without LEVEL: the history's numbers per epoch and the share of binary weights that flipped sign), histograms (also each binary layer's latent weights and flipped share) or none", {"nargs": "?", "const": "scalars", "metavar": "LEVEL"}),
     ("run", "--verbose", "Keras output: 0 silent, 1 progress bar, 2 one line per epoch (and TensorFlow's own log lines)", {}),
 )
 
@@ -146,19 +152,20 @@ def _add_recipe_flags(parser: argparse.ArgumentParser, *, study: bool) -> None:
         groups[group].add_argument(flag, default=argparse.SUPPRESS, help=help_text, **extra)
 
 
-_MODEL_FLAGS = ("hidden_units", "width_multiplier", "weight_clip", "binarize_input")
+_MODEL_FLAGS = ("hidden_units", "width_multiplier", "block_order", "weight_clip", "binarize_input")
 
 
 def _recipe(base: Any, args: argparse.Namespace) -> Any:
     """`base` with the flags given on the command line applied."""
     given = dict(vars(args))
-    for name in ("command", "recipe", "quick", "tables", "seeds", "handler", "out", "overwrite", "imports", "unsafe_load"):
+    for name in ("command", "recipe", "quick", "tables", "grid", "seeds", "handler", "out", "overwrite", "imports", "unsafe_load"):
         given.pop(name, None)
     model_kwargs = {k: given.pop(k) for k in _MODEL_FLAGS if k in given}
     if model_kwargs.get("weight_clip") == "none":
         model_kwargs["weight_clip"] = None
-    if given.get("lr_scaling") == "none":
-        given["lr_scaling"] = None
+    for name in ("lr_scaling", "tensorboard"):  # their None is spelled "none"
+        if given.get(name) == "none":
+            given[name] = None
     optimizer_kwargs = dict(given.pop("optimizer_kwargs", []))
     return base.override(model_kwargs=model_kwargs, optimizer_kwargs=optimizer_kwargs, **given)
 
@@ -191,7 +198,7 @@ def _study(args: argparse.Namespace) -> int:
         base = study.quick(base)
     base = _recipe(base, args)
     seeds = args.seeds if args.seeds is not None else (study.QUICK_SEEDS if args.quick else 3)
-    result = study.run_study(args.out, base, tables=args.tables, seeds=seeds, **executor)
+    result = study.run_study(args.out, base, tables=args.tables, seeds=seeds, grid=args.grid, quick=args.quick, **executor)
     if result["failed"]:
         runs = sum(result[k] for k in ("trained", "skipped", "copied", "failed"))
         print(f"{PROG}: error: {result['failed']} of {runs} runs failed: their reasons are in {Path(args.out) / 'tables.md'}", file=sys.stderr)
@@ -255,7 +262,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     )
     grid.add_argument("--recipe", choices=recipes, default="mnist_mlp", help="base recipe (default: mnist_mlp)")
     grid.add_argument("--quick", action="store_true", help=f"small enough for a laptop CPU in minutes: embedded data, 2x128 MLP (or 1/16-width VGG-10), 3 epochs, {study.QUICK_SEEDS} seeds")
-    grid.add_argument("--tables", nargs="+", choices=list(study.TABLES), default=None, metavar="TABLE", help=f"tables to run (default: all): {', '.join(study.TABLES)}")
+    grid.add_argument("--tables", nargs="+", choices=list(study.TABLES), default=None, metavar="TABLE", help=f"tables to run (default: the paper's {', '.join(study.DEFAULT_TABLES)}; none with --grid): {', '.join(study.TABLES)}")
+    grid.add_argument("--grid", action="append", default=None, metavar="KEY=V1,V2", help="sweep a setting: every combination of the --grid flags is a cell of table 'grid' (OUT/grid/KEY=V,.../seedK); KEY is a recipe field (batch_size, optimizer, lr_start, ...), opt.NAME (opt.beta_2) or model.NAME (model.hidden_units=256x256,512x512); repeatable; without --tables only the grid runs")
     grid.add_argument("--seeds", type=_typed(Rule("int", 1, study.MAX_SEEDS)), default=None, metavar="N", help=f"seeds 0..N-1 per cell (default: 3, or {study.QUICK_SEEDS} with --quick)")
     grid.add_argument("--out", default="runs/study", metavar="DIR", help="study folder (default: runs/study); with --executor ray, on a filesystem every node sees at the same path")
     spread = grid.add_argument_group("executor")

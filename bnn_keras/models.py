@@ -1,12 +1,18 @@
-r"""The study's two networks, in a float, a BinaryConnect and a BinaryNet variant.
+r"""The study's networks, in a float, a BinaryConnect and a BinaryNet variant.
 
 - `mlp`: the MNIST MLP, 3 hidden layers x 2048 units; each hidden layer is
   dense (no bias) -> BN -> ReLU, the output layer dense -> BN (no activation).
 - `vgg10`: the CIFAR-10 "VGG-10",
   128C3-128C3-MP2-256C3-256C3-MP2-512C3-512C3-MP2-FC1024-FC1024-FC10; 3x3 convolutions,
   stride 1, SAME padding, no bias; the 2x2 max-pool sits right *after* its convolution
-  (conv -> pool -> BN -> activation, the study's reordering); BN after every layer,
+  (conv -> pool -> BN -> activation, the study's reordering; ``block_order="conventional"``
+  gives conv -> BN -> activation -> pool, same parameters); BN after every layer,
   the last one included.
+- `resnet18`: the CIFAR-style ResNet-18 the study binarised (its Table 5): a 3x3 stem
+  conv (64) and four stages of two basic blocks (64-128-256-512, stride 2 first in stages
+  2-4), each conv3x3 -> BN -> act -> conv3x3 -> BN plus a real-valued shortcut (identity,
+  or 1x1 conv -> BN where the shape changes), the activation after the sum; global
+  average pool -> dense -> BN.
 
 Variants (`VARIANTS`):
 
@@ -14,9 +20,9 @@ Variants (`VARIANTS`):
   the same weights as the binary variants (so `copy_weights` maps them 1:1);
 - ``"binaryconnect"``: binary weights, real (ReLU) activations — what the study trained;
 - ``"binarynet"``: binary weights *and* activations on every layer, first and last
-  included (what Larq Compute Engine accelerates). The BN output of a layer is binarised
-  by the next layer's input quantiser, so there is no ReLU; the network's input is
-  binarised too unless ``binarize_input=False``.
+  included (what Larq Compute Engine accelerates; ResNet-18's 1x1 shortcuts stay real).
+  The BN output of a layer is binarised by the next layer's input quantiser, so there is
+  no ReLU; the network's input is binarised too unless ``binarize_input=False``.
 
 Every binary layer gets `SwitchableSteSign` quantisers and a `SwitchableWeightClip`
 kernel constraint, so any clipping schedule (`bnn_keras.callbacks.ClippingSchedule`,
@@ -26,6 +32,7 @@ kernel constraint, so any clipping schedule (`bnn_keras.callbacks.ClippingSchedu
 from bnn_keras import models
 model = models.mlp((28, 28, 1), 10)                         # the study's 3x2048 MLP
 net = models.vgg10((32, 32, 3), 10, variant="binarynet")   # for Larq Compute Engine
+res = models.resnet18((32, 32, 3), 10, width_multiplier=0.25)
 ```
 """
 
@@ -41,13 +48,16 @@ import tensorflow as tf
 from bnn_keras.constraints import SwitchableWeightClip
 from bnn_keras.quantizers import SwitchableSteSign
 
-__all__ = ["NAMES", "VARIANTS", "WEIGHT_CLIPS", "copy_weights", "get", "mlp", "vgg10"]
+__all__ = ["BLOCK_ORDERS", "NAMES", "VARIANTS", "WEIGHT_CLIPS", "copy_weights", "get", "mlp", "resnet18", "vgg10"]
 
 VARIANTS: tuple[str, ...] = ("float", "binaryconnect", "binarynet")
 """Model variants: real-valued, binary weights only, binary weights and activations."""
 
 WEIGHT_CLIPS: tuple[str | None, ...] = ("unit", "glorot", None)
 """Weight-clip ranges: [-clip_value, clip_value], BinaryConnect's per-layer [-H, H], none."""
+
+BLOCK_ORDERS: tuple[str, ...] = ("paper", "conventional")
+"""VGG-10 conv-block orders: conv -> pool -> BN -> act (the study's), conv -> BN -> act -> pool."""
 
 
 def _check_variant(variant: str) -> None:
@@ -252,6 +262,7 @@ def vgg10(
     num_classes: int,
     *,
     width_multiplier: float = 1.0,
+    block_order: str = "paper",
     variant: str = "binaryconnect",
     bn_momentum: float = 0.9,
     bn_epsilon: float = 1e-4,
@@ -271,6 +282,10 @@ def vgg10(
     input is binarised (BinaryNet) pads with +1 (`pad_values=1.0`): Larq Compute
     Engine's binary convolution needs that for SAME padding.
 
+    ``block_order="conventional"`` moves each pool after the activation (conv -> BN ->
+    ReLU -> pool; BinaryNet: conv -> BN -> pool); the parameters are the same (BN normalises the same channels), the
+    outputs are not (BN's statistics are taken before the max instead of after it).
+
     Arguments as in `mlp` (so is the memory check); layers are named ``conv_1, pool_2, bn_1, relu_1, ...,
     dense_1, ..., dense_out, bn_out``.
 
@@ -281,6 +296,7 @@ def vgg10(
     _check_bn(bn_momentum, bn_epsilon, num_classes)
     binariser = _Binariser(variant, clipped, weight_clip, clip_value, binarize_input)
     _rules().MODEL_FLAGS["width_multiplier"].check("width_multiplier", width_multiplier)
+    _rules().MODEL_FLAGS["block_order"].check("block_order", block_order)
     parameters = vgg10_parameters(input_shape, num_classes, width_multiplier)
     _check_fits(parameters, f"width_multiplier {width_multiplier:g} and input shape {tuple(input_shape)}")
 
@@ -302,10 +318,12 @@ def vgg10(
             name=f"conv_{i}",
             **binariser.layer_kwargs(i == 1),
         )(x)
-        if pool:
+        if pool and block_order == "paper":
             x = tf.keras.layers.MaxPool2D(2, strides=2, name=f"pool_{i}")(x)
         x = _batch_norm(f"bn_{i}", bn_momentum, bn_epsilon, synchronized_bn)(x)
         x = activation(x, str(i))
+        if pool and block_order == "conventional":
+            x = tf.keras.layers.MaxPool2D(2, strides=2, name=f"pool_{i}")(x)
     x = tf.keras.layers.Flatten(name="flatten")(x)
     for i, units in enumerate(VGG10_DENSE, start=1):
         x = lq.layers.QuantDense(width(units), name=f"dense_{i}", **binariser.layer_kwargs(False))(x)
@@ -343,14 +361,127 @@ def vgg10_parameters(input_shape: Sequence[int], num_classes: int, width_multipl
     return total + sum(n_in * n_out + 4 * n_out for n_in, n_out in zip(widths, widths[1:]))
 
 
-_REGISTRY: dict[str, Callable[..., tf.keras.Model]] = {"mlp": mlp, "vgg10": vgg10}
+RESNET18_STEM: int = 64
+"""Filters of ResNet-18's 3x3 stem convolution."""
+
+RESNET18_STAGES: tuple[tuple[int, int], ...] = ((64, 1), (128, 2), (256, 2), (512, 2))
+"""(filters, stride of the first block) of ResNet-18's four stages of two basic blocks."""
+
+
+def resnet18(
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    width_multiplier: float = 1.0,
+    variant: str = "binaryconnect",
+    bn_momentum: float = 0.9,
+    bn_epsilon: float = 1e-4,
+    clipped: bool = False,
+    weight_clip: str | None = "unit",
+    clip_value: float = 1.0,
+    binarize_input: bool = True,
+    synchronized_bn: bool = False,
+    name: str | None = None,
+) -> tf.keras.Model:
+    """The CIFAR-style ResNet-18 the study binarised (Alizadeh et al., 2019, Table 5).
+
+    A 3x3 stem conv (64, stride 1) -> BN -> act, then four stages of two basic blocks,
+    64-128-256-512 filters (every width times `width_multiplier`, at least 1), stride 2
+    in the first block of stages 2-4. A basic block is conv3x3 -> BN -> act -> conv3x3
+    -> BN, plus the shortcut, then act; the shortcut is the identity, or a 1x1 conv
+    (stride of the block, no bias) -> BN where the shape changes. Then global average
+    pool -> dense (no bias) -> BN, as VGG-10's output layer. Convolutions are SAME, no
+    bias; a binarised input pads with +1 (`pad_values=1.0`), as in `vgg10`.
+
+    Binary, as in `vgg10`'s first and last layers: the stem, all 16 block convolutions
+    and the dense classifier (in BinaryNet the stem's input is binarised unless
+    ``binarize_input=False``). Real-valued: the three 1x1 shortcut convolutions (plain
+    `Conv2D`, no quantiser, no weight clip), the residual sums and every BN. BinaryNet
+    has no ReLU: the next binary layer binarises the real-valued sum.
+
+    Arguments as in `mlp` (so is the memory check); layers are named ``stem_conv,
+    stem_bn, stem_relu, block{stage}_{block}_conv_1, ..._bn_1, ..._relu_1, ..._conv_2,
+    ..._bn_2, [..._shortcut_conv, ..._shortcut_bn,] ..._add, ..._relu, ..., pool,
+    dense_out, bn_out``.
+
+    ```python
+    model = resnet18((32, 32, 3), 10, width_multiplier=0.125, variant="binarynet")
+    ```
+    """
+    _check_bn(bn_momentum, bn_epsilon, num_classes)
+    binariser = _Binariser(variant, clipped, weight_clip, clip_value, binarize_input)
+    _rules().MODEL_FLAGS["width_multiplier"].check("width_multiplier", width_multiplier)
+    parameters = resnet18_parameters(input_shape, num_classes, width_multiplier)
+    _check_fits(parameters, f"width_multiplier {width_multiplier:g} and input shape {tuple(input_shape)}")
+
+    def batch_norm(x: tf.Tensor, name: str) -> tf.Tensor:
+        return _batch_norm(name, bn_momentum, bn_epsilon, synchronized_bn)(x)
+
+    def activation(x: tf.Tensor, name: str) -> tf.Tensor:
+        return x if variant == "binarynet" else tf.keras.layers.Activation("relu", name=name)(x)
+
+    def binary_conv(x: tf.Tensor, filters: int, strides: int, name: str, first: bool = False) -> tf.Tensor:
+        return lq.layers.QuantConv2D(
+            filters,
+            3,
+            strides=strides,
+            padding="same",
+            pad_values=1.0 if binariser.input_binarised(first) else 0.0,
+            name=name,
+            **binariser.layer_kwargs(first),
+        )(x)
+
+    inputs = tf.keras.Input(shape=tuple(input_shape), name="image")
+    channels = _vgg10_width(RESNET18_STEM, width_multiplier)
+    x = activation(batch_norm(binary_conv(inputs, channels, 1, "stem_conv", first=True), "stem_bn"), "stem_relu")
+    for stage, (filters, stride) in enumerate(RESNET18_STAGES, start=1):
+        filters = _vgg10_width(filters, width_multiplier)
+        for block, strides in ((1, stride), (2, 1)):
+            label = f"block{stage}_{block}"
+            y = binary_conv(x, filters, strides, f"{label}_conv_1")
+            y = activation(batch_norm(y, f"{label}_bn_1"), f"{label}_relu_1")
+            y = batch_norm(binary_conv(y, filters, 1, f"{label}_conv_2"), f"{label}_bn_2")
+            shortcut = x
+            if strides != 1 or channels != filters:  # a real-valued projection: only the 3x3 convolutions are binary
+                shortcut = tf.keras.layers.Conv2D(
+                    filters, 1, strides=strides, use_bias=False, kernel_initializer="glorot_uniform",
+                    name=f"{label}_shortcut_conv",
+                )(x)
+                shortcut = batch_norm(shortcut, f"{label}_shortcut_bn")
+            x = activation(tf.keras.layers.Add(name=f"{label}_add")([y, shortcut]), f"{label}_relu")
+            channels = filters
+    x = tf.keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = lq.layers.QuantDense(int(num_classes), name="dense_out", **binariser.layer_kwargs(False))(x)
+    outputs = _batch_norm("bn_out", bn_momentum, bn_epsilon, synchronized_bn)(x)
+    return tf.keras.Model(inputs, outputs, name=name or f"resnet18_{variant}")
+
+
+def resnet18_parameters(input_shape: Sequence[int], num_classes: int, width_multiplier: float = 1.0) -> int:
+    """The number of weights (kernels and BN's four vectors) of `resnet18`, without building it."""
+    if len(input_shape) != 3:
+        raise ValueError(f"resnet18 needs an input shape (height, width, channels), got {tuple(input_shape)}")
+    channels = int(input_shape[-1])
+    stem = _vgg10_width(RESNET18_STEM, width_multiplier)
+    total = 9 * channels * stem + 4 * stem
+    channels = stem
+    for filters, stride in RESNET18_STAGES:
+        filters = _vgg10_width(filters, width_multiplier)
+        for strides in (stride, 1):
+            total += 9 * channels * filters + 9 * filters * filters + 2 * 4 * filters
+            if strides != 1 or channels != filters:
+                total += channels * filters + 4 * filters
+            channels = filters
+    return total + channels * int(num_classes) + 4 * int(num_classes)
+
+
+_REGISTRY: dict[str, Callable[..., tf.keras.Model]] = {"mlp": mlp, "resnet18": resnet18, "vgg10": vgg10}
 
 NAMES: tuple[str, ...] = tuple(sorted(_REGISTRY))
 """The model names `get` knows."""
 
 
 def get(name: str) -> Callable[..., tf.keras.Model]:
-    """The model builder called `name` ("mlp" or "vgg10").
+    """The model builder called `name` ("mlp", "resnet18" or "vgg10").
 
     ```python
     model = get("mlp")((28, 28, 1), 10, hidden_units=(512, 512, 512))

@@ -44,7 +44,9 @@ RUN_FILE = "run.json"
 STAGE_FILE = "stage.json"
 RESULTS = ("summary.json", "history.json", "history.csv", "best_model.keras", "curves.png")
 """What a finished run leaves in its folder."""
-_COSMETIC_FIELDS = ("name", "output_dir", "verbose")
+TENSORBOARD = "tensorboard"
+"""The folder of TensorBoard's event files, one subfolder per stage (``Recipe.tensorboard``)."""
+_COSMETIC_FIELDS = ("name", "output_dir", "verbose", "tensorboard")  # logging only: a resumed run may change them
 _PENDING_BEST = re.compile(r"\.pending-best_model-epoch(\d+)\.keras")
 _ADVICE = "pass --overwrite (overwrite=True) to start afresh"
 
@@ -54,7 +56,7 @@ class RunConflictError(ValueError):
 
 
 def settings(recipe_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """What makes two runs the same run: the recipe without name, folder and verbosity.
+    """What makes two runs the same run: the recipe without name, folder, verbosity and TensorBoard logging.
 
     A recorded recipe is read back through `Recipe.from_dict` first (defaults filled in,
     lists and tuples alike), so both sides are compared in the same normal form.
@@ -152,6 +154,7 @@ class RunFolder:
             self.remove_state()
             for name in RESULTS:
                 (self.out / name).unlink(missing_ok=True)
+            shutil.rmtree(self.out / TENSORBOARD, ignore_errors=True)  # the old run's curves would mix in
         self.out.mkdir(parents=True, exist_ok=True)
         self.remove_temporaries()
 
@@ -195,6 +198,10 @@ class RunFolder:
 
     def stage_backup(self, stage: str) -> Path:
         return self.backup / stage
+
+    def tensorboard(self, stage: str) -> Path:
+        """Where `stage`'s TensorBoard events go: ``tensorboard/<stage>/`` (one TensorBoard run per stage)."""
+        return self.out / TENSORBOARD / stage
 
     def finished_epochs(self, stage: str) -> int:
         """How many epochs the BackupAndRestore checkpoint of `stage` has finished (0 if none)."""

@@ -46,7 +46,9 @@ finish in.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import math
 import os
 import shutil
 import time
@@ -56,6 +58,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from bnn_keras import files, run_folder, study_ray, training
+from bnn_keras import grid as grid_mod
 from bnn_keras.recipe import RECIPES, Recipe, Rule
 
 __all__ = [
@@ -65,7 +68,10 @@ __all__ = [
     "QUICK_SEEDS",
     "TABLES",
     "Table",
+    "DEFAULT_TABLES",
+    "GRID_KEY",
     "cell_recipes",
+    "grid_table",
     "optimizers_table",
     "quick",
     "render_tables",
@@ -101,7 +107,11 @@ class Table:
     title: str
     cells: Mapping[str, Overrides]
     paper: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
-    layout: str = "columns"  # "columns": one column per cell (Tables 2-4); "rows": Table 5
+    layout: str = "columns"  # "columns": a column per cell (Tables 2-4); "rows": Table 5; "grid": a row per cell; "last_mile"
+    axes: tuple[grid_mod.Axis, ...] = ()  # a grid's swept settings (the "grid" layout's columns)
+    claim: str = ""  # the study's claim the table tests, printed under its title
+    early: Callable[[Recipe], int] | None = None  # a 1-based early epoch whose test error is shown too
+    quick_epochs: int | None = None  # epochs of this table's runs in a --quick study (default: the base's)
 
 
 def _optimizer_cell(name: str, lr: float) -> Overrides:
@@ -147,27 +157,77 @@ def optimizers_table(lrs: Mapping[str, float] | None = None) -> Table:
     )
 
 
+def grid_table(
+    key: str,
+    title: str,
+    axes: Sequence[str | tuple[str, Sequence[Any]]] | Mapping[str, Sequence[Any]],
+    *,
+    fixed: Mapping[str, Any] | None = None,
+    derive: Callable[[Recipe, Mapping[str, Any]], Mapping[str, Any]] | None = None,
+    short_names: bool = False,
+    layout: str = "grid",
+    **options: Any,
+) -> Table:
+    """A table whose cells are every combination of `axes` (`bnn_keras.grid`), each set on the base.
+
+    `fixed` settings go into every cell, `derive(base, cell's values)` adds settings that
+    follow from them (a learning rate per optimiser); `options` are `Table` fields
+    (``paper``, ``claim``, ``early``, ``quick_epochs``).
+
+    ```python
+    table = grid_table("betas", "Adam's betas", ["opt.beta_2=0.9,0.99,0.999"], fixed={"optimizer": "adam"})
+    run_study("runs/betas", base, tables=[table], seeds=3)
+    ```
+    """
+    parsed = tuple(grid_mod.parse(axes))
+    cells = grid_mod.cells(parsed, fixed=fixed, derive=derive, short_names=short_names)
+    return Table(key=key, title=title, cells=cells, layout=layout, axes=parsed, **options)
+
+
+def _lr_of(optimizer: str, base: Recipe) -> dict[str, Any]:
+    """`optimizer`'s start LR from `OPTIMIZER_LR`, with the base's end/start ratio."""
+    lr = OPTIMIZER_LR[optimizer]
+    return {"lr_start": lr, "lr_end": None if base.lr_end is None else lr * base.lr_end / base.lr_start}
+
+
+def _sgd_batch_lr(base: Recipe, cell: Mapping[str, Any]) -> dict[str, Any]:
+    """SGD's LR scaled with the square root of batch / 100 (the variance of the gradient noise kept)."""
+    lr = _lr_of("sgd", base)
+    factor = math.sqrt(cell["batch_size"] / 100)
+    return {k: None if v is None else v * factor for k, v in lr.items()}
+
+
+def _early_epoch(base: Recipe) -> int:
+    """The early epoch of the SGD-batch and momentum tables: a tenth of the budget (1-based), at least 1."""
+    return max(1, math.ceil(base.epochs / 10))
+
+
+def _pooling_model(base: Recipe, cell: Mapping[str, Any]) -> dict[str, Any]:
+    """VGG-10 at the base's width (a 1/16-width one on an MLP base)."""
+    width = base.model_kwargs.get("width_multiplier", 1.0) if base.model == "vgg10" else 0.0625
+    return {"model": "vgg10", "model.width_multiplier": width}
+
+
 TABLES: dict[str, Table] = {
     "optimizers": optimizers_table(),
-    "clipping": Table(
-        key="clipping",
-        title="Table 3: clipping (from the first step)",
-        cells={
-            part: (lambda part: lambda base: {"schedule": "clipped", "clipping": part})(part)
-            for part in ("none", "weights", "gradients", "both")
-        },
+    "clipping": grid_table(
+        "clipping",
+        "Table 3: clipping (from the first step)",
+        ["clipping=none,weights,gradients,both"],
+        fixed={"schedule": "clipped"},
+        short_names=True,
+        layout="columns",
         paper={
             "MNIST": {"none": "1.28", "weights": "1.22", "gradients": "1.17", "both": "1.18"},
             "CIFAR-10": {"none": "10.79", "weights": "10.73", "gradients": "10.53", "both": "10.38"},
         },
     ),
-    "bn_momentum": Table(
-        key="bn_momentum",
-        title="Table 4: batch-norm momentum",
-        cells={
-            m: (lambda m: lambda base: {"bn_momentum": float(m)})(m)
-            for m in ("0.8", "0.85", "0.9", "0.99")
-        },
+    "bn_momentum": grid_table(
+        "bn_momentum",
+        "Table 4: batch-norm momentum",
+        ["bn_momentum=0.8,0.85,0.9,0.99"],
+        short_names=True,
+        layout="columns",
         paper={
             "MNIST": {"0.8": "1.21", "0.85": "1.19", "0.9": "1.22", "0.99": "1.23"},
             "CIFAR-10": {"0.8": "10.31", "0.85": "10.35", "0.9": "10.53", "0.99": "10.61"},
@@ -203,8 +263,64 @@ TABLES: dict[str, Table] = {
         },
         layout="rows",
     ),
+    "sgd_batch": grid_table(
+        "sgd_batch",
+        "SGD batch size (LR x sqrt(batch / 100))",
+        ["batch_size=50,100,500,1000"],
+        fixed={"optimizer": "sgd"},
+        derive=_sgd_batch_lr,
+        early=_early_epoch,
+        claim="reducing SGD's stochasticity by a larger batch improves performance initially "
+        "but still fails to reach the best accuracy",
+    ),
+    "momentum": grid_table(
+        "momentum",
+        "Momentum rate",
+        ["optimizer=momentum,nesterov", "opt.momentum=0.5,0.9,0.99"],
+        derive=lambda base, cell: _lr_of(cell["optimizer"], base),
+        early=_early_epoch,
+        claim="a higher momentum trains faster but ends worse",
+    ),
+    "adam_betas": grid_table(
+        "adam_betas",
+        "Adam's betas",
+        ["opt.beta_1=0.5,0.9", "opt.beta_2=0.9,0.99,0.999"],
+        fixed={"optimizer": "adam"},
+        derive=lambda base, cell: {} if base.optimizer == "adam" else _lr_of("adam", base),
+        claim="beta_2 matters (0.999 best), beta_1 barely",
+    ),
+    "pooling": grid_table(
+        "pooling",
+        "VGG-10 block order: conv -> pool -> BN -> act (paper) vs conv -> BN -> act -> pool",
+        ["model.block_order=paper,conventional", "variant=binaryconnect,binarynet"],
+        derive=_pooling_model,
+        claim="pooling right after the convolution; without that reordering, significant accuracy loss",
+    ),
+    "lr_scaling": grid_table(
+        "lr_scaling",
+        "Glorot learning-rate scaling",
+        ["optimizer=sgd,adam", "lr_scaling=none,update", "variant=binaryconnect,binarynet"],
+        derive=lambda base, cell: _lr_of(cell["optimizer"], base),
+        claim="BinaryConnect's Glorot LR scaling helps SGD only",
+    ),
+    "last_mile": grid_table(
+        "last_mile",
+        "The last mile: keep going, lower the LR at the plateau, or stop there",
+        ["plateau_action=none,reduce_lr,stop"],
+        short_names=True,
+        layout="last_mile",
+        quick_epochs=12,
+        claim="binary models keep improving long after the curves flatten; lowering the LR there "
+        "does not help; do not early-stop",
+    ),
 }
 """The study's ablation tables by key (``bnn-keras study --tables KEY ...``)."""
+
+DEFAULT_TABLES: tuple[str, ...] = ("optimizers", "clipping", "bn_momentum", "schedules")
+"""The tables a study runs when none are named: the paper's Tables 2-5."""
+
+GRID_KEY = "grid"
+"""The table (and folder) of a study's own ``--grid``."""
 
 QUICK_SEEDS = 2
 MAX_SEEDS = 1000
@@ -247,21 +363,29 @@ def _resolve(tables: Iterable[str | Table]) -> dict[str, Table]:
 
 
 def cell_recipes(
-    out: str | os.PathLike, base: Recipe, tables: Iterable[str | Table], seeds: Sequence[int]
+    out: str | os.PathLike, base: Recipe, tables: Iterable[str | Table], seeds: Sequence[int], *, quick: bool = False
 ) -> list[tuple[str, str, int, Recipe]]:
-    """Every (table, cell, seed, recipe) of the grid, with its output folder set."""
+    """Every (table, cell, seed, recipe) of the grid, with its output folder set.
+
+    `quick`: a table with its own ``quick_epochs`` trains that many epochs. A cell whose
+    settings the recipe refuses raises ValueError naming the cell, before anything trains.
+    """
     grid = []
     for key, table in _resolve(tables).items():
+        table_base = base.replace(epochs=table.quick_epochs) if quick and table.quick_epochs else base
         for cell, overrides in table.cells.items():
             for seed in seeds:
-                recipe = base.replace(
-                    **{
-                        **overrides(base),
-                        "name": f"{key}/{cell}/seed{seed}",
-                        "seed": int(seed),
-                        "output_dir": os.fspath(Path(out) / key / cell / f"seed{seed}"),
-                    }
-                )
+                try:
+                    recipe = table_base.replace(
+                        **{
+                            **overrides(table_base),
+                            "name": f"{key}/{cell}/seed{seed}",
+                            "seed": int(seed),
+                            "output_dir": os.fspath(Path(out) / key / cell / f"seed{seed}"),
+                        }
+                    )
+                except ValueError as error:
+                    raise ValueError(f"study table {key!r}, cell {cell!r}: {error}") from None
                 grid.append((key, cell, int(seed), recipe))
     return grid
 
@@ -324,14 +448,22 @@ def run_study(
     cpus_per_run: float | None = None,
     max_retries: int = 3,
     train: Train | None = None,
+    grid: Iterable[str | tuple[str, Sequence[Any]]] | Mapping[str, Sequence[Any]] | None = None,
+    quick: bool = False,
 ) -> dict[str, Any]:
     """Train (or read back) every cell x seed of `tables` and write ``tables.md`` and figures.
+
+    ```python
+    run_study("runs/betas", quick(), grid={"opt.beta_2": [0.9, 0.999], "batch_size": [50, 100]}, seeds=2)
+    run_study("runs/betas", quick(), grid=["opt.beta_2=0.9,0.999"], seeds=2)   # the CLI's form
+    ```
 
     Args:
         out: the study folder. With executor "ray" every node must see it at the same path
             (a shared filesystem); a relative path is taken from this process's folder.
         base: the settings every cell starts from (each cell overrides a few).
-        tables: keys of `TABLES` (default: all) or your own `Table` objects.
+        tables: keys of `TABLES` (default: `DEFAULT_TABLES`, the paper's Tables 2-5, or
+            none when `grid` is given) or your own `Table` objects.
         seeds: a count (seeds 0..n-1) or the seeds themselves.
         verbose: 1 prints one line per finished run and a final count; the runs' own
             verbosity is ``base.verbose`` (with "ray", a started Ray forwards the runs'
@@ -348,6 +480,10 @@ def run_study(
             node) starts again; it resumes after its last finished epoch.
         train: what trains one run (default `training.run`); with "ray" it travels to the
             workers, so it must pickle.
+        grid: settings to sweep (`bnn_keras.grid`: ``KEY=V1,V2`` texts or KEY -> values):
+            every combination is a cell of table ``"grid"`` (``OUT/grid/KEY=V,.../seedK``),
+            after `tables` (which then default to none).
+        quick: the study is a ``--quick`` one: tables with their own ``quick_epochs`` use them.
 
     Returns:
         ``{"tables": {key: {cell: [summary per seed]}}, "trained": n, "skipped": n,
@@ -357,7 +493,12 @@ def run_study(
         raise ValueError('the study folder (--out) is an empty path: expected a folder name ("" would mean the current folder)')
     _check_executor(executor, ray_address, gpus_per_run, cpus_per_run, max_retries)
     out = Path(os.path.abspath(out) if executor == "ray" else out)
-    chosen = _resolve(TABLES if tables is None else tables)
+    chosen = _resolve(DEFAULT_TABLES if tables is None and grid is None else tables or [])
+    if grid is not None:
+        axes = list(grid.items()) if isinstance(grid, Mapping) else list(grid)
+        if not axes:
+            raise ValueError("grid names no setting: expected KEY=V1,V2,... (e.g. opt.beta_2=0.9,0.999)")
+        chosen[GRID_KEY] = grid_table(GRID_KEY, "Grid: " + " x ".join(a.key for a in grid_mod.parse(axes)), axes)
     if isinstance(seeds, int) and not 1 <= seeds <= MAX_SEEDS:
         raise ValueError(f"seeds must be a count in [1, {MAX_SEEDS}] (runs per cell), got {seeds}")
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
@@ -365,9 +506,9 @@ def run_study(
         raise ValueError("seeds must name at least one seed")
     if len(seed_list) > MAX_SEEDS:
         raise ValueError(f"seeds must name at most {MAX_SEEDS} seeds (runs per cell), got {len(seed_list)}")
-    grid = cell_recipes(out, base, chosen.values(), seed_list)  # validates every cell before training any
+    runs = cell_recipes(out, base, chosen.values(), seed_list, quick=quick)  # validates every cell before training any
     with files.own_folder(out):  # one study per folder: a second one is refused before anything is written
-        study = _Grid(out, grid, chosen, base, seed_list, verbose)  # reads back (and checks) finished runs
+        study = _Grid(out, runs, chosen, base, seed_list, verbose)  # reads back (and checks) finished runs
         if executor == "local":
             study.train_here(train)
         else:
@@ -490,7 +631,11 @@ class _Grid:
         results: dict[str, dict[str, list[dict[str, Any]]]] = {key: {} for key in self.chosen}
         for entry in self.entries:
             if entry.summary is not None:
-                results[entry.key].setdefault(entry.cell, []).append(entry.summary)
+                summary = entry.summary
+                if self.chosen[entry.key].early is not None:  # the early column reads the run's history
+                    tests = [row.get("test_accuracy") for row in _read_history(entry.recipe)]
+                    summary = {**summary, "test_accuracy_by_epoch": tests}
+                results[entry.key].setdefault(entry.cell, []).append(summary)
         return results
 
     def failures(self) -> dict[str, str]:
@@ -579,7 +724,13 @@ def render_tables(
         table = tables[key]
         names = list(table.cells)
         lines += ["", f"## {table.title}", ""]
-        if table.layout == "columns":
+        if table.claim:
+            lines += [f"The study's claim: {table.claim}.", ""]
+        if table.layout == "grid":
+            lines += _grid_rows(key, table, cells, base, failed_cells)
+        elif table.layout == "last_mile":
+            lines += _last_mile_rows(key, table, cells, failed_cells)
+        elif table.layout == "columns":
             lines.append("| | " + " | ".join(names) + " |")
             lines.append("|---" * (len(names) + 1) + "|")
             lines.append(
@@ -621,6 +772,84 @@ def render_tables(
         lines += ["", f"## Failed runs ({len(failures)})", "", "Not in the tables above; the same study again trains them again.", ""]
         lines += [f"- `{name}`: {reason}" for name, reason in failures.items()]
     return "\n".join(lines) + "\n"
+
+
+def _mean_cell(runs: Sequence[Mapping[str, Any]], value: Callable[[Mapping[str, Any]], float | None], fmt: str) -> str:
+    values = [value(s) for s in runs]
+    if not runs or any(v is None for v in values):
+        return "—"
+    return format(float(np.mean(values)), fmt)
+
+
+def _early_error(summary: Mapping[str, Any], epoch: int) -> float | None:
+    tests = summary.get("test_accuracy_by_epoch") or []
+    return None if len(tests) < epoch or tests[epoch - 1] is None else 100 * (1 - tests[epoch - 1])
+
+
+def _grid_rows(
+    key: str, table: Table, cells: Mapping[str, Sequence[Mapping[str, Any]]], base: Recipe, failed_cells: set[str]
+) -> list[str]:
+    """A row per combination: its values, test error at best (mean ± std), best val accuracy, epochs."""
+    early = table.early(base) if table.early is not None else None
+    heads = [axis.key for axis in table.axes] + ["test error", "best val acc", "best-val epoch", "plateau epoch"]
+    if early is not None:
+        heads.append(f"test error at epoch {early}")
+    lines = ["| " + " | ".join(heads) + " |", "|---" * len(heads) + "|"]
+    texts = list(itertools.product(*(axis.texts for axis in table.axes)))
+    for name, values in zip(table.cells, texts):
+        runs = cells.get(name, [])
+        if not runs:
+            missing = _missing(key, name, failed_cells)
+            lines.append("| " + " | ".join([*values] + [missing] * (len(heads) - len(values))) + " |")
+            continue
+        row = [
+            *values,
+            _error_cell(runs),
+            _mean_cell(runs, lambda s: 100 * s["best_val_accuracy"], ".2f") + "%",
+            _mean_cell(runs, lambda s: s["best_epoch_1based"], ".1f"),
+            _mean_cell(runs, lambda s: (s.get("plateau") or {}).get("epoch_1based"), ".1f"),
+        ]
+        if early is not None:
+            row.append(_mean_cell(runs, lambda s: _early_error(s, early), ".2f") + "%")
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", f"n = {max((len(v) for v in cells.values()), default=0)} seeds per row; epochs are 1-based means."]
+    return lines
+
+
+def _last_mile_rows(key: str, table: Table, cells: Mapping[str, Sequence[Mapping[str, Any]]], failed_cells: set[str]) -> list[str]:
+    """Plateau vs best epoch per action, and what stopping at the plateau costs."""
+    lines = [
+        "| at the plateau | epochs trained | plateau epoch | best-val epoch | test error at plateau | "
+        "test error at best (reported) | val gain after plateau |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def plateau(name: str) -> Callable[[Mapping[str, Any]], Any]:
+        return lambda s: (s.get("plateau") or {}).get(name)
+
+    for name in table.cells:
+        runs = cells.get(name, [])
+        if not runs:
+            lines.append(f"| {name} |" + f" {_missing(key, name, failed_cells)} |" * 6)
+            continue
+        at_plateau = plateau("test_accuracy")
+        lines.append(
+            f"| {name} | {_mean_cell(runs, lambda s: s.get('total_epochs'), '.1f')} | "
+            f"{_mean_cell(runs, plateau('epoch_1based'), '.1f')} | {_mean_cell(runs, lambda s: s['best_epoch_1based'], '.1f')} | "
+            f"{_mean_cell(runs, lambda s: None if at_plateau(s) is None else 100 * (1 - at_plateau(s)), '.2f')}% | "
+            f"{_error_cell(runs)} | {_mean_cell(runs, lambda s: None if plateau('val_gain_to_best')(s) is None else 100 * plateau('val_gain_to_best')(s), '.2f')} points |"
+        )
+    if cells.get("none") and cells.get("stop"):
+        cost = np.mean([100 * s["test_error_at_best"] for s in cells["stop"]]) - np.mean(
+            [100 * s["test_error_at_best"] for s in cells["none"]]
+        )
+        lines += ["", f"Cost of stopping at the plateau: {cost:+.2f} points of test error (stop minus keep going)."]
+    lines += [
+        "",
+        "Plateau epoch: the first epoch after which validation accuracy does not beat the best so far by "
+        "more than the margin within the window (`bnn_keras.plateau`); the stopping run stops once the window has passed.",
+    ]
+    return lines
 
 
 def _missing(key: str, cell: str, failed_cells: set[str]) -> str:

@@ -7,6 +7,13 @@ keeps the best validation epoch (the study's rule 2), and report the test accura
 that epoch. Output, in ``recipe.output_dir``: ``history.csv`` / ``history.json`` (a row
 per epoch, rewritten after each), ``best_model.keras`` (the best-validation weights, no
 optimiser), ``summary.json`` (written last: it marks a finished run) and ``curves.png``.
+With ``tensorboard`` ("scalars" or "histograms"), TensorBoard event files in
+``tensorboard/<stage>/`` (`bnn_keras.callbacks.TensorBoardLog`; chief only): one
+TensorBoard run per stage ("train", or "pretrain" and "finetune"), stepped by the run's
+epoch so both stages of "two-stage" line up; the epoch's history numbers, and the share of
+binary weights that flipped sign, plus per-layer latent-weight histograms at "histograms".
+A resumed run writes the epoch it redoes again (TensorBoard shows the last value);
+``--overwrite`` removes the old logs.
 
 Clipping schedules (``Recipe.schedule``, `SCHEDULES`):
 
@@ -58,11 +65,13 @@ from bnn_keras import data as bk_data
 from bnn_keras import distribute as bk_distribute
 from bnn_keras import models as bk_models
 from bnn_keras import optimizers as bk_optimizers
+from bnn_keras import plateau as bk_plateau
 from bnn_keras import speed as bk_speed
 from bnn_keras._switch import find_switchables
 from bnn_keras.callbacks import TrainingDivergedError, _batch_norm_layers
 from bnn_keras.constraints import SwitchableWeightClip
 from bnn_keras.files import write_json, write_text
+from bnn_keras.plateau import PlateauAction
 from bnn_keras.quantizers import SwitchableSteSign
 from bnn_keras.recipe import CLIPPINGS, FIELDS, LOSSES, LR_SCALINGS, LR_SCHEDULES, RECIPES, SCHEDULES, Recipe, get_recipe
 from bnn_keras.run_folder import BestKeeper, PromoteBest, RunConflictError, RunFolder
@@ -107,7 +116,7 @@ def run(
     "two-stage" (its ``best_epoch`` counts fine-tune epochs).
 
     If the output folder holds an unfinished run of the same recipe (``name``,
-    ``output_dir`` and ``verbose`` aside), it continues after that run's last finished
+    ``output_dir``, ``verbose`` and ``tensorboard`` aside), it continues after that run's last finished
     epoch; if it holds the finished run, its summary is returned without training.
     `overwrite` replaces whatever run the folder holds.
 
@@ -279,12 +288,21 @@ class _Run:
         before = offset + 1 if offset else 0  # iterators the stages before this one made
         _skip_shuffles(self.splits.train, before + stage_finished - self.iterators)
         write = self.folder.write_history if self.chief else None
+        tensorboard = []
+        if self.chief and self.recipe.tensorboard is not None:
+            level = self.recipe.tensorboard
+            tensorboard.append(bk_callbacks.TensorBoardLog(self.folder.tensorboard(stage), level == "histograms", offset))
+        plateau = self._plateau(stage)
+        if plateau and plateau[0].action == "stop" and plateau[0].plateau is not None:
+            return False  # stopped at its plateau before a restart: nothing more to train
         callbacks = [
             bk_callbacks.EpochClock(),
             bk_callbacks.StopOnNonFinite(offset, self.steps_per_epoch),
             *schedule,
             best,
+            *plateau,
             bk_callbacks.HistoryRows(self.rows, stage, offset, write),
+            *tensorboard,  # before the backup: an epoch a restart does not redo has its events written
             tf.keras.callbacks.BackupAndRestore(os.fspath(self.folder.stage_backup(stage)), delete_checkpoint=False),
         ]
         if self.chief and best.folder is not None:
@@ -301,6 +319,16 @@ class _Run:
             raise TrainingDivergedError(f"{error}: training stopped; {self._kept()}") from None
         self.iterators = before + epochs + 1
         return True
+
+    def _plateau(self, stage: str) -> list[PlateauAction]:
+        """The last mile's callback, for every stage but float pretraining (with the stage's finished epochs)."""
+        if stage == "pretrain":
+            return []
+        recipe = self.recipe
+        done = [row["val_accuracy"] for row in self.rows if row.get("stage") == stage]
+        window = recipe.plateau_window or bk_plateau.default_window(recipe.epochs)
+        return [PlateauAction(recipe.plateau_action, window, recipe.plateau_margin, recipe.plateau_lr_factor,
+                              history=done, verbose=recipe.verbose)]
 
     def _kept(self) -> str:
         out = self.folder.out
@@ -460,6 +488,7 @@ def _summary(
         "epochs": recipe.epochs,
         "total_epochs": len(run_.rows),
         "switched_at_epoch": switched,
+        "plateau": _plateau_summary(run_.rows, recipe, best.best_epoch),
         **extra,
         **({"own_model": run_.switched} if run_.switched is not None else {}),
         "train_size": splits.train_size,
@@ -471,6 +500,29 @@ def _summary(
         "resumed_at_epochs": resumed_at,
         "wall_time_s": time.perf_counter() - started,
         "recipe": recipe.to_dict(),
+    }
+
+
+def _plateau_summary(rows: list[dict[str, Any]], recipe: Recipe, best_epoch: int) -> dict[str, Any] | None:
+    """The last stage's plateau epoch (`bnn_keras.plateau`) beside its best epoch, and what was gained between them."""
+    stage_rows = [row for row in rows if row.get("stage") == rows[-1].get("stage")]
+    window = recipe.plateau_window or bk_plateau.default_window(recipe.epochs)
+    values = [row["val_accuracy"] for row in stage_rows]
+    epoch = bk_plateau.plateau_epoch(values, window, recipe.plateau_margin)
+    if epoch is None:  # no validation accuracy
+        return None
+    at, best = stage_rows[epoch], stage_rows[best_epoch]
+    return {
+        "epoch": epoch,
+        "epoch_1based": epoch + 1,
+        "window": window,
+        "margin": recipe.plateau_margin,
+        "action": recipe.plateau_action,
+        "val_accuracy": at["val_accuracy"],
+        "test_accuracy": at.get("test_accuracy"),
+        "val_gain_to_best": best["val_accuracy"] - max(values[: epoch + 1]),
+        "test_gain_to_best": None if at.get("test_accuracy") is None else best.get("test_accuracy", math.nan) - at["test_accuracy"],
+        "epochs_after": best_epoch - epoch,
     }
 
 

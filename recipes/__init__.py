@@ -8,7 +8,12 @@ runs it: ``python recipes/mnist_mlp.py [flags]`` is ``bnn-keras train mnist_mlp 
 
 from bnn_keras.training import RECIPES, Recipe
 
-SCRIPTS = {"mnist_mlp": "mnist_mlp.py", "cifar10_vgg10": "cifar10_vgg10.py", "study": "study.py"}
+SCRIPTS = {
+    "mnist_mlp": "mnist_mlp.py",
+    "cifar10_vgg10": "cifar10_vgg10.py",
+    "cifar10_resnet18": "cifar10_resnet18.py",
+    "study": "study.py",
+}
 """Script file (in this folder) per recipe name, plus the study runner."""
 
 __all__ = ["RECIPES", "Recipe", "SCRIPTS"]

@@ -144,7 +144,7 @@ def test_weight_clip_options_and_clipped_start():
 def test_bad_names_raise_one_line_errors():
     with pytest.raises(ValueError, match=r"^unknown variant 'xnor': expected one of float, binaryconnect, binarynet$"):
         models.mlp((4,), 2, variant="xnor")
-    with pytest.raises(ValueError, match=r"^unknown model 'resnet': expected one of mlp, vgg10$"):
+    with pytest.raises(ValueError, match=r"^unknown model 'resnet': expected one of mlp, resnet18, vgg10$"):
         models.get("resnet")
     with pytest.raises(ValueError, match="bn_momentum must be in"):
         models.vgg10((8, 8, 1), 2, bn_momentum=1.0)

@@ -32,7 +32,7 @@ def test_cifar10_vgg10_has_the_study_settings():
 
 
 def test_unknown_recipe():
-    with pytest.raises(ValueError, match="unknown recipe 'imagenet': expected one of cifar10_vgg10, mnist_mlp"):
+    with pytest.raises(ValueError, match="unknown recipe 'imagenet': expected one of cifar10_resnet18, cifar10_vgg10, mnist_mlp"):
         training.get_recipe("imagenet")
 
 
