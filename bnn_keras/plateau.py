@@ -15,7 +15,7 @@ multiplies the learning rate by ``lr_factor`` (``ReduceLROnPlateau``-style, once
 ``"none"`` only logs ``plateau_reached`` (1.0 from the epoch it is known).
 
 ```python
-plateau_epoch([0.5, 0.7, 0.71, 0.705, 0.712], window=2, margin=0.005)   # 1
+plateau_epoch([0.5, 0.7, 0.71, 0.705, 0.712], window=2, margin=0.005)   # 2
 PlateauAction("stop", window=10, margin=0.002)   # a callback for model.fit
 ```
 """

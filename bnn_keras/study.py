@@ -558,6 +558,7 @@ class _Entry:
     summary: dict[str, Any] | None = None
     failure: str | None = None
     seconds: float | None = None
+    tests: list[float | None] | None = None  # test accuracy per epoch, read once from its history (an early column)
 
 
 class _Grid:
@@ -632,9 +633,10 @@ class _Grid:
         for entry in self.entries:
             if entry.summary is not None:
                 summary = entry.summary
-                if self.chosen[entry.key].early is not None:  # the early column reads the run's history
-                    tests = [row.get("test_accuracy") for row in _read_history(entry.recipe)]
-                    summary = {**summary, "test_accuracy_by_epoch": tests}
+                if self.chosen[entry.key].early is not None:  # the early column reads the run's history, once
+                    if entry.tests is None:
+                        entry.tests = [row.get("test_accuracy") for row in _read_history(entry.recipe)]
+                    summary = {**summary, "test_accuracy_by_epoch": entry.tests}
                 results[entry.key].setdefault(entry.cell, []).append(summary)
         return results
 
@@ -824,20 +826,25 @@ def _last_mile_rows(key: str, table: Table, cells: Mapping[str, Sequence[Mapping
         "|---|---|---|---|---|---|---|",
     ]
 
-    def plateau(name: str) -> Callable[[Mapping[str, Any]], Any]:
-        return lambda s: (s.get("plateau") or {}).get(name)
+    def plateau(name: str, percent: Callable[[float], float] = lambda v: v) -> Callable[[Mapping[str, Any]], Any]:
+        """A number of the summary's ``plateau`` (None when it has none), through `percent`."""
+
+        def value(summary: Mapping[str, Any]) -> float | None:
+            found = (summary.get("plateau") or {}).get(name)
+            return None if found is None else percent(found)
+
+        return value
 
     for name in table.cells:
         runs = cells.get(name, [])
         if not runs:
             lines.append(f"| {name} |" + f" {_missing(key, name, failed_cells)} |" * 6)
             continue
-        at_plateau = plateau("test_accuracy")
         lines.append(
             f"| {name} | {_mean_cell(runs, lambda s: s.get('total_epochs'), '.1f')} | "
             f"{_mean_cell(runs, plateau('epoch_1based'), '.1f')} | {_mean_cell(runs, lambda s: s['best_epoch_1based'], '.1f')} | "
-            f"{_mean_cell(runs, lambda s: None if at_plateau(s) is None else 100 * (1 - at_plateau(s)), '.2f')}% | "
-            f"{_error_cell(runs)} | {_mean_cell(runs, lambda s: None if plateau('val_gain_to_best')(s) is None else 100 * plateau('val_gain_to_best')(s), '.2f')} points |"
+            f"{_mean_cell(runs, plateau('test_accuracy', lambda v: 100 * (1 - v)), '.2f')}% | "
+            f"{_error_cell(runs)} | {_mean_cell(runs, plateau('val_gain_to_best', lambda v: 100 * v), '.2f')} points |"
         )
     if cells.get("none") and cells.get("stop"):
         cost = np.mean([100 * s["test_error_at_best"] for s in cells["stop"]]) - np.mean(

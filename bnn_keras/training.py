@@ -288,13 +288,13 @@ class _Run:
         before = offset + 1 if offset else 0  # iterators the stages before this one made
         _skip_shuffles(self.splits.train, before + stage_finished - self.iterators)
         write = self.folder.write_history if self.chief else None
+        plateau = self._plateau(stage)
+        if plateau and plateau[0].action == "stop" and plateau[0].plateau is not None:
+            return False  # stopped at its plateau before a restart: nothing more to train
         tensorboard = []
         if self.chief and self.recipe.tensorboard is not None:
             level = self.recipe.tensorboard
             tensorboard.append(bk_callbacks.TensorBoardLog(self.folder.tensorboard(stage), level == "histograms", offset))
-        plateau = self._plateau(stage)
-        if plateau and plateau[0].action == "stop" and plateau[0].plateau is not None:
-            return False  # stopped at its plateau before a restart: nothing more to train
         callbacks = [
             bk_callbacks.EpochClock(),
             bk_callbacks.StopOnNonFinite(offset, self.steps_per_epoch),
@@ -326,9 +326,8 @@ class _Run:
             return []
         recipe = self.recipe
         done = [row["val_accuracy"] for row in self.rows if row.get("stage") == stage]
-        window = recipe.plateau_window or bk_plateau.default_window(recipe.epochs)
-        return [PlateauAction(recipe.plateau_action, window, recipe.plateau_margin, recipe.plateau_lr_factor,
-                              history=done, verbose=recipe.verbose)]
+        return [PlateauAction(recipe.plateau_action, _plateau_window(recipe), recipe.plateau_margin,
+                              recipe.plateau_lr_factor, history=done, verbose=recipe.verbose)]
 
     def _kept(self) -> str:
         out = self.folder.out
@@ -503,10 +502,15 @@ def _summary(
     }
 
 
+def _plateau_window(recipe: Recipe) -> int:
+    """The recipe's plateau window, or the default for its epoch budget."""
+    return recipe.plateau_window or bk_plateau.default_window(recipe.epochs)
+
+
 def _plateau_summary(rows: list[dict[str, Any]], recipe: Recipe, best_epoch: int) -> dict[str, Any] | None:
     """The last stage's plateau epoch (`bnn_keras.plateau`) beside its best epoch, and what was gained between them."""
     stage_rows = [row for row in rows if row.get("stage") == rows[-1].get("stage")]
-    window = recipe.plateau_window or bk_plateau.default_window(recipe.epochs)
+    window = _plateau_window(recipe)
     values = [row["val_accuracy"] for row in stage_rows]
     epoch = bk_plateau.plateau_epoch(values, window, recipe.plateau_margin)
     if epoch is None:  # no validation accuracy

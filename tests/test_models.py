@@ -244,15 +244,8 @@ def _distinct_random_weights(model, seed):
     model.set_weights([v.astype(np.float32) for v in values])
 
 
-@pytest.mark.parametrize(
-    "builder, kwargs, variant, weighted",
-    [(models.vgg10, {"width_multiplier": 0.03125}, "binarynet", 9), (models.mlp, {"hidden_units": (5, 4)}, "binaryconnect", 3)],
-)
-def test_copy_weights_copies_every_variable_of_every_layer(builder, kwargs, variant, weighted):
-    """Against each Keras layer's own weights list: every kernel, gamma, beta, moving mean and variance."""
-    source = builder((12, 12, 1), 3, variant="float", **kwargs)
-    _distinct_random_weights(source, seed=1)
-    target = builder((12, 12, 1), 3, variant=variant, clipped=True, **kwargs)
+def assert_copies_every_variable(source, target, weighted):
+    """`copy_weights(source, target)` against each Keras layer's own weights list (`weighted` layers with weights)."""
     pairs = []  # (source variable, the target's variable of the same name)
     for layer in source.layers:
         if layer.weights:
@@ -268,6 +261,18 @@ def test_copy_weights_copies_every_variable_of_every_layer(builder, kwargs, vari
     for src, dst in pairs:
         np.testing.assert_array_equal(_latent(dst), src.numpy(), err_msg=src.name)
     assert all(s.clipping_enabled for s in bk.find_switchables(target))  # flags untouched
+
+
+@pytest.mark.parametrize(
+    "builder, kwargs, variant, weighted",
+    [(models.vgg10, {"width_multiplier": 0.03125}, "binarynet", 9), (models.mlp, {"hidden_units": (5, 4)}, "binaryconnect", 3)],
+)
+def test_copy_weights_copies_every_variable_of_every_layer(builder, kwargs, variant, weighted):
+    """Against each Keras layer's own weights list: every kernel, gamma, beta, moving mean and variance."""
+    source = builder((12, 12, 1), 3, variant="float", **kwargs)
+    _distinct_random_weights(source, seed=1)
+    target = builder((12, 12, 1), 3, variant=variant, clipped=True, **kwargs)
+    assert_copies_every_variable(source, target, weighted)
 
 
 @pytest.mark.parametrize("builder, kwargs", [(models.mlp, {"hidden_units": (8,)}), (models.vgg10, {"width_multiplier": 0.0625})])

@@ -1,7 +1,6 @@
 """ResNet-18 (sizes, binary layers per variant, two-stage copy, clipping, LCE export), VGG-10's
 block order, and the cifar10_resnet18 recipe."""
 
-import collections
 import json
 import os
 
@@ -14,7 +13,7 @@ import bnn_keras as bk
 from bnn_keras import cli, export, models, training
 from bnn_keras.constraints import SwitchableWeightClip
 from bnn_keras.quantizers import SwitchableSteSign
-from test_models import _distinct_random_weights
+from test_models import _distinct_random_weights, assert_copies_every_variable
 
 BINARY_3X3 = 1 + 4 * 2 * 2  # the stem and two convs in each of 4 stages x 2 blocks
 SHORTCUTS = ("block2_1", "block3_1", "block4_1")  # where the shape changes (stride 2, more filters)
@@ -36,10 +35,6 @@ def _hand_counts(channels, num_classes, widths=(64, 128, 256, 512)):
             bn_units += filters
         previous = filters
     return kernels + previous * num_classes, bn_units + num_classes
-
-
-def _latent(variable):
-    return tf.convert_to_tensor(getattr(variable, "latent_variable", variable)).numpy()
 
 
 def _binary_convs(model):
@@ -131,22 +126,8 @@ def test_copy_weights_float_resnet18_into_binary_copies_every_variable(variant):
     source = models.resnet18((12, 12, 1), 3, width_multiplier=0.0625, variant="float")
     _distinct_random_weights(source, seed=3)
     target = models.resnet18((12, 12, 1), 3, width_multiplier=0.0625, variant=variant, clipped=True)
-    pairs = []  # (source variable, the target's variable of the same name), from Keras' weights lists
-    for layer in source.layers:
-        if layer.weights:
-            by_name = {w.name: w for w in target.get_layer(layer.name).weights}
-            pairs += [(w, by_name.pop(w.name)) for w in layer.weights]
-            assert all("clipped" in n or "clip_enabled" in n for n in by_name), by_name  # the rest: flags
     weighted = BINARY_3X3 + len(SHORTCUTS) + 1
-    kinds = collections.Counter(src.name.split("/")[-1] for src, _ in pairs)
-    assert kinds == {"kernel:0": weighted, **{n: weighted for n in ("gamma:0", "beta:0", "moving_mean:0", "moving_variance:0")}}
-    for src, dst in pairs:  # the target differs from the source everywhere before the copy
-        dst.assign(tf.fill(dst.shape, -7.0))
-        assert np.all(src.numpy() != -7.0)
-    assert models.copy_weights(source, target) == 2 * weighted
-    for src, dst in pairs:
-        np.testing.assert_array_equal(_latent(dst), src.numpy(), err_msg=src.name)
-    assert all(s.clipping_enabled for s in bk.find_switchables(target))  # flags untouched
+    assert_copies_every_variable(source, target, weighted)
 
 
 def test_tiny_binarynet_resnet18_exports_one_lce_bconv_per_binary_layer():
