@@ -101,11 +101,20 @@ TARGETS: dict[str, Target] = {
     ),
     "export_verify": Target(
         "bnn_keras/export/verify.py",
-        ("_agreement", "_failures", "check_flatbuffer"),
+        ("_agreement", "_top_moved", "_flipped_within_rounding", "_failures", "check_flatbuffer"),
         (
             "tests/test_export_agreement.py", "tests/test_export_verification.py", "tests/test_export.py",
             "tests/test_export_reliability.py", "tests/test_export_trust.py",
         ),
+    ),
+    "export_localise": Target(
+        "bnn_keras/export/localise.py", ("_verdict",), ("tests/test_export_trust.py",)
+    ),
+    "plateau": Target(
+        "bnn_keras/plateau.py", None, ("tests/test_plateau.py",)
+    ),
+    "grid": Target(
+        "bnn_keras/grid.py", None, ("tests/test_grid.py",)
     ),
     "own_model": Target(
         "bnn_keras/switchable.py", None, ("tests/test_make_switchable.py", "tests/test_own_model.py")

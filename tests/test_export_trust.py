@@ -333,8 +333,9 @@ def test_a_layer_that_cannot_be_replayed_inherits_the_flips_of_the_layer_before_
 
     layers = [_comparison("bn_9", 0.0027, 0.0), _comparison("add_5", 0.0027, None),
               _comparison("bn_10", 0.0165, 0.0), _comparison("add_6", 0.0182, None)]
-    kind, layer, summary = localise_module._verdict(layers, 16)
-    assert (kind, layer) == ("sign flips", "bn_9")
+    kind, layer, summary = localise_module._verdict([_comparison("stem_bn", 0.0, 0.0), *layers], 16)
+    assert (kind, layer) == ("sign flips", "bn_9")  # a layer with nothing off is not where it departs
+    assert localise_module._verdict([_comparison("stem_bn", 0.0, 0.0)], 16)[:2] == ("none", None)
     # The same add as the first layer off is judged against Keras: 1.8% > FLIP_SHARE is wrong values.
     kind, layer, _ = localise_module._verdict(layers[3:], 16)
     assert (kind, layer) == ("wrong values", "add_6") and 0.0182 > localise_module.FLIP_SHARE

@@ -185,3 +185,11 @@ def test_the_base_tables_are_named_grids():
         "optimizers", "clipping", "bn_momentum", "schedules",
     )
     assert Recipe().plateau_action == "none"
+
+
+def test_python_values_are_checked_and_keys_trimmed_and_text_values_kept():
+    with pytest.raises(ValueError, match=r"^grid batch_size must be an integer >= 1, got 0$"):
+        grid.parse({"batch_size": [50, 0]})
+    assert grid.parse(["batch_size =50,100"])[0].key == "batch_size"
+    assert grid.parse(["dataset=embedded,mnist"])[0].values == ("embedded", "mnist")  # a text field
+    assert grid.parse(["model.name=x,a1x2"])[0].values == ("x", "a1x2")  # not widths: kept as text

@@ -108,3 +108,14 @@ def test_a_run_stops_or_lowers_its_lr_at_the_plateau_and_records_it(tmp_path):
 def test_the_default_window_is_a_tenth_of_the_budget():
     assert [plateau.default_window(n) for n in (1, 3, 20, 21, 250)] == [2, 2, 2, 3, 25]
     assert np.isclose(Recipe().plateau_margin, 0.002)
+
+
+def test_the_action_says_what_it_did_only_when_verbose(capsys):
+    for verbose in (0, 1):
+        callback = plateau.PlateauAction("stop", window=2, margin=0.0, **({"verbose": verbose} if verbose else {}))
+        callback.set_model(_model())
+        for epoch, value in enumerate([0.6, 0.7, 0.69, 0.7]):
+            callback.on_epoch_end(epoch, {"val_accuracy": value})
+        out = capsys.readouterr().out
+        expected = "\nPlateauAction: val_accuracy plateaued at epoch 2 (no gain > 0 within 2 epochs): stopping (early stopping at the plateau)\n"
+        assert out == (expected if verbose else "")
