@@ -21,10 +21,19 @@ compiles). Useful GFLOP/s is 6 x multiply-adds per example x batch / step time (
 is the time to draw one epoch's batches from bnn_keras' pipeline alone over (c)'s epoch
 time: the most its training can wait for data (prefetching overlaps it).
 
+The cost of `bnn_keras.dead_zone.DeadZoneMonitor` (for the MLPs): each variant trained
+with (c)'s settings by ``model.fit`` on NumPy arrays, with the monitor on a sampled batch
+of 100 training images; its ``on_epoch_end`` is timed against the epoch (`EpochClock`,
+which runs before it), median over the epochs after the first (which traces), and
+reported as a share of the epoch; "once" is what ``on_train_begin`` and the first
+epoch's tracing add to one ``fit``. The target: at most 2% of an epoch.
+
     python benchmarks/fit_speed.py                # everything (about 15 min on 2 cores)
     python benchmarks/fit_speed.py --models mlp256 --rounds 3
+    python benchmarks/fit_speed.py --dead-zone-only   # only the monitor's cost (about 2 min)
 
-Prints the table and writes benchmarks/results/fit_speed.md.
+Prints the tables and writes benchmarks/results/fit_speed.md (``--dead-zone-only`` only
+replaces that file's dead-zone section).
 """
 
 from __future__ import annotations
@@ -50,7 +59,9 @@ import bnn_keras  # noqa: E402, F401
 from bnn_keras import callbacks as bk_callbacks  # noqa: E402
 from bnn_keras import data as bk_data  # noqa: E402
 from bnn_keras import models as bk_models  # noqa: E402
+from bnn_keras import speed as bk_speed  # noqa: E402
 from bnn_keras import training  # noqa: E402
+from bnn_keras.dead_zone import DeadZoneMonitor  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "fit_speed.md"
 
@@ -63,6 +74,9 @@ NETWORKS: dict[str, tuple[str, dict[str, Any], str, int | None, int]] = {
 }
 VARIANTS = ("binaryconnect", "binarynet")
 BATCH = 100
+DEAD_ZONE_NETWORKS = ("mlp2048", "mlp256")
+DEAD_ZONE_EPOCHS = 4
+DEAD_ZONE_SECTION = "## DeadZoneMonitor cost"
 
 
 def matmul_gflops() -> float:
@@ -168,15 +182,99 @@ def input_seconds(recipe: training.Recipe) -> float:
     return min(_timed(lambda: [None for _ in splits.train]) for _ in range(3))
 
 
+class _TimedDeadZone(DeadZoneMonitor):
+    """`DeadZoneMonitor` that keeps the seconds of its `on_train_begin` and each `on_epoch_end`."""
+
+    def __init__(self, sample: Any):
+        super().__init__(sample)
+        self.begin_s, self.epoch_s = 0.0, []
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        started = time.perf_counter()
+        super().on_train_begin(logs)
+        self.begin_s = time.perf_counter() - started
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        started = time.perf_counter()
+        super().on_epoch_end(epoch, logs)
+        self.epoch_s.append(time.perf_counter() - started)
+
+
+def dead_zone_cost(recipe: training.Recipe) -> dict[str, float]:
+    """One `fit` of `recipe`'s network on bnn_keras' pipeline with (c)'s speed settings and a timed
+    `DeadZoneMonitor` (seconds)."""
+    splits = bk_data.load(recipe.dataset, batch_size=BATCH, validation_fraction=recipe.validation_fraction,
+                          targets="hinge", limit=recipe.limit)
+    input_shape, classes = splits.input_shape, splits.num_classes
+    sample = next(iter(splits.train))[0]
+    tf.keras.utils.set_random_seed(0)
+    model = bk_models.get(recipe.model)(input_shape, classes, variant=recipe.variant, bn_momentum=recipe.bn_momentum,
+                                        bn_epsilon=recipe.bn_epsilon, **recipe.model_kwargs)
+    plan = bk_speed.choose(model, steps_per_epoch=len(splits.train))
+    model.compile(optimizer=tf.keras.optimizers.Adam(recipe.lr_start), loss=tf.keras.losses.SquaredHinge(),
+                  metrics=["accuracy"], jit_compile=plan.jit_compile, steps_per_execution=plan.steps_per_execution)
+    monitor = _TimedDeadZone(sample)
+    clock = bk_callbacks.EpochClock()  # first: its epoch time ends before the monitor starts
+    rows: list[dict[str, Any]] = []
+    record = tf.keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: rows.append(dict(logs)))
+    model.fit(splits.train, epochs=DEAD_ZONE_EPOCHS, validation_data=splits.validation,
+              callbacks=[clock, monitor, record], verbose=0)
+    assert "dead_zone_flipped" in rows[-1], "the monitor logged nothing"
+    per_epoch = statistics.median(monitor.epoch_s[1:])
+    return {"epoch_s": statistics.median(row["epoch_time_s"] for row in rows[1:]), "monitor_s": per_epoch,
+            "once_s": monitor.begin_s + monitor.epoch_s[0] - per_epoch,
+            "weights": sum(int(np.prod(layer.kernel.shape)) for layer in model.layers
+                           if getattr(layer, "kernel_quantizer", None) is not None)}
+
+
+def dead_zone_table(names: list[str], variants: list[str], rounds: int) -> str:
+    """The monitor's cost per epoch for each MLP in `names` and variant, `rounds` fits each (median)."""
+    lines = []
+    for name in names:
+        model_name, kwargs, dataset, limit, _ = NETWORKS[name]
+        for variant in variants:
+            recipe = training.Recipe(name=f"{name}_{variant}", dataset=dataset, model=model_name, model_kwargs=kwargs,
+                                     variant=variant, bn_momentum=0.85, epochs=DEAD_ZONE_EPOCHS, batch_size=BATCH,
+                                     limit=limit, verbose=0)
+            fits = [dead_zone_cost(recipe) for _ in range(rounds)]
+            epoch, monitor, once = (statistics.median(f[k] for f in fits) for k in ("epoch_s", "monitor_s", "once_s"))
+            line = (f"| {name} | {variant} | {fits[0]['weights']:,} | {epoch * 1e3:.0f} | {monitor * 1e3:.1f} | "
+                    f"{monitor / epoch:.2%} | {once * 1e3:.0f} |")
+            lines.append(line)
+            print(line, flush=True)
+    return "\n".join([
+        "| network | variant | binary weights | epoch ms | monitor ms/epoch | monitor / epoch | once ms |",
+        "|---|---|---|---|---|---|---|", *lines])
+
+
+def _with_dead_zone_section(text: str, section: str) -> str:
+    """`text` with its dead-zone section (from its heading to the end) replaced by `section`."""
+    kept = text.split(DEAD_ZONE_SECTION)[0].rstrip()
+    return f"{kept}\n\n{section}" if kept else section
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=list(NETWORKS), default=list(NETWORKS))
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of a, b, c (default 2)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--dead-zone-only", action="store_true",
+                        help="measure only DeadZoneMonitor's cost per epoch (the MLPs among --models)")
     args = parser.parse_args(argv)
 
     tfds.disable_progress_bar()
+    command = f"`{' '.join(['python benchmarks/fit_speed.py', *(argv if argv is not None else sys.argv[1:])])}`"
+    dead_zone_models = [name for name in args.models if name in DEAD_ZONE_NETWORKS]
+    if args.dead_zone_only:
+        started = time.perf_counter()
+        table = dead_zone_table(dead_zone_models, args.variants, args.rounds)
+        section = _dead_zone_section(table, command, args.rounds, time.perf_counter() - started, matmul_gflops())
+        old = args.out.read_text() if args.out.exists() else ""
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(_with_dead_zone_section(old, section))
+        print(f"\n{section}wrote {args.out}")
+        return 0
     work = Path(tempfile.mkdtemp(prefix="fit_speed_"))
     fake_cifar10(work / "raw", 2 * max(n[3] or 0 for n in NETWORKS.values()) + 1000)
     started = time.perf_counter()
@@ -219,14 +317,28 @@ def main(argv: list[str] | None = None) -> int:
         "| network | variant | (a) Larq ms/step | (b) off ms/step | (c) auto ms/step | (d) XLA ms/step | b/a | c/a | d/a | "
         "(a) GFLOP/s | (c) GFLOP/s (of matmul) | input | auto chose |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|", *lines])
-    header = (f"Measured by `python benchmarks/fit_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+    header = (f"Measured by {command}"
               f" on {os.cpu_count()} CPU cores, TensorFlow {tf.__version__}, batch {BATCH}, Adam, "
               f"{args.rounds} interleaved round(s), median; matmul 2048x2048 float32: {matmul:.1f} GFLOP/s; "
               f"{time.perf_counter() - started:.0f} s in all.\n")
+    dead_zone = ""
+    if dead_zone_models:
+        dead_started = time.perf_counter()
+        dead_table = dead_zone_table(dead_zone_models, args.variants, args.rounds)
+        dead_zone = "\n" + _dead_zone_section(dead_table, command, args.rounds, time.perf_counter() - dead_started,
+                                               matmul)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(f"# Training speed\n\n{header}\n{table}\n")
-    print(f"\n{header}\n{table}\nwrote {args.out}")
+    args.out.write_text(f"# Training speed\n\n{header}\n{table}\n{dead_zone}")
+    print(f"\n{header}\n{table}\n{dead_zone}wrote {args.out}")
     return 0
+
+
+def _dead_zone_section(table: str, command: str, rounds: int, seconds: float, matmul: float) -> str:
+    return (f"{DEAD_ZONE_SECTION}\n\n`DeadZoneMonitor` on a sampled batch of {BATCH} training images, per epoch, "
+            f"against the epoch's wall time (training and validation, (c)'s settings, {DEAD_ZONE_EPOCHS} epochs, "
+            f"median of epochs 2-{DEAD_ZONE_EPOCHS} and of {rounds} fit(s)); target <= 2%. Measured by {command} on "
+            f"{os.cpu_count()} CPU cores, TensorFlow {tf.__version__}, matmul 2048x2048 float32: {matmul:.1f} GFLOP/s; "
+            f"{seconds:.0f} s.\n\n{table}\n")
 
 
 if __name__ == "__main__":

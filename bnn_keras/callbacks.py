@@ -443,9 +443,12 @@ class TensorBoardLog(tf.keras.callbacks.Callback):
     `kernel_quantizer`; a model without one (a float twin) logs no flipped share. With
     `histograms`, per binary layer as well: the histogram of its latent kernel at the
     epoch's end (``latent_weights/<layer>``) and its own share (``flipped_share/<layer>``).
+    With `dead_zone` (a `bnn_keras.dead_zone.DeadZoneMonitor` placed before it), each of
+    the epoch's per-layer shares as the scalar ``dead_zone/<metric>/<layer>`` (its
+    aggregate columns, ``dead_zone_beyond`` etc., are scalars of the logs already).
 
     Put it after the callbacks whose logs it should show (`ClippingSchedule`,
-    `BestValidation`, `HistoryRows`). `epoch_offset` shifts the step, so the stages of
+    `BestValidation`, `DeadZoneMonitor`, `HistoryRows`). `epoch_offset` shifts the step, so the stages of
     one run line up on one axis. Written with `tf.summary.write` alone (no `tensorboard`
     package needed to write; viewing needs it), flushed after each epoch. A resumed run
     writes the epochs it redoes again: TensorBoard shows the last values written.
@@ -458,11 +461,14 @@ class TensorBoardLog(tf.keras.callbacks.Callback):
     ```
     """
 
-    def __init__(self, log_dir: str | os.PathLike, histograms: bool = False, epoch_offset: int = 0):
+    def __init__(
+        self, log_dir: str | os.PathLike, histograms: bool = False, epoch_offset: int = 0, dead_zone: Any = None
+    ):
         super().__init__()
         Rule("bool").check("histograms", histograms)
         Rule("int", 0).check("epoch_offset", epoch_offset)
         self.log_dir, self.histograms, self.epoch_offset = os.fspath(log_dir), histograms, int(epoch_offset)
+        self.dead_zone = dead_zone
         self._writer: Any = None
         self._positive: dict[str, np.ndarray] = {}  # each binary layer's signs when the epoch began
 
@@ -471,6 +477,9 @@ class TensorBoardLog(tf.keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         scalars = {name: float(value) for name, value in (logs or {}).items() if np.isscalar(value)}
+        measured = self.dead_zone.per_layer[-1] if self.dead_zone is not None and self.dead_zone.per_layer else {}
+        for layer, shares in measured.items():
+            scalars.update({f"dead_zone/{metric}/{layer}": float(value) for metric, value in shares.items()})
         kernels = _binary_kernels(self.model)
         began, self._positive = self._positive, {}
         flipped = {

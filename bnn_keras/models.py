@@ -1,4 +1,4 @@
-r"""The study's networks, in a float, a BinaryConnect and a BinaryNet variant.
+r"""The study's networks, in a float, a BinaryConnect and a BinaryNet variant (and ReActNet's middle step).
 
 - `mlp`: the MNIST MLP, 3 hidden layers x 2048 units; each hidden layer is
   dense (no bias) -> BN -> ReLU, the output layer dense -> BN (no activation).
@@ -23,10 +23,17 @@ Variants (`VARIANTS`):
   included (what Larq Compute Engine accelerates; ResNet-18's 1x1 shortcuts stay real).
   The BN output of a layer is binarised by the next layer's input quantiser, so there is
   no ReLU; the network's input is binarised too unless ``binarize_input=False``.
+- ``"binary-activations"``: BinaryNet's structure and binary activations (the same input
+  quantisers, no ReLU) with real-valued weights (no kernel quantiser, no weight clip):
+  the middle step of ReActNet's two-step training (float -> binary activations ->
+  binary weights too), its weights handed on by `copy_weights`.
 
 Every binary layer gets `SwitchableSteSign` quantisers and a `SwitchableWeightClip`
 kernel constraint, so any clipping schedule (`bnn_keras.callbacks.ClippingSchedule`,
-`bnn_keras.set_clipping`) applies to it. Kernels are Glorot-uniform initialised.
+`bnn_keras.set_clipping`) applies to it. With ``weight_binarisation="stochastic"`` (or
+``activation_binarisation``) the kernel (input) quantisers are `StochasticSteSign`
+instead: BinaryConnect's stochastic binarisation while training, the sign at inference,
+the same switchable gradient. Kernels are Glorot-uniform initialised.
 
 ```python
 from bnn_keras import models
@@ -46,12 +53,26 @@ import larq as lq
 import tensorflow as tf
 
 from bnn_keras.constraints import SwitchableWeightClip
-from bnn_keras.quantizers import SwitchableSteSign
+from bnn_keras.quantizers import StochasticSteSign, SwitchableSteSign
 
-__all__ = ["BLOCK_ORDERS", "NAMES", "VARIANTS", "WEIGHT_CLIPS", "copy_weights", "get", "mlp", "resnet18", "vgg10"]
+__all__ = [
+    "BINARISATIONS",
+    "BLOCK_ORDERS",
+    "NAMES",
+    "VARIANTS",
+    "WEIGHT_CLIPS",
+    "copy_weights",
+    "get",
+    "mlp",
+    "resnet18",
+    "vgg10",
+]
 
-VARIANTS: tuple[str, ...] = ("float", "binaryconnect", "binarynet")
-"""Model variants: real-valued, binary weights only, binary weights and activations."""
+VARIANTS: tuple[str, ...] = ("float", "binaryconnect", "binarynet", "binary-activations")
+"""Model variants: real-valued, binary weights only, binary weights and activations, binary activations only."""
+
+BINARISATIONS: tuple[str, ...] = ("deterministic", "stochastic")
+"""How binary weights or activations are drawn while training: the sign, or BinaryConnect's stochastic sign."""
 
 WEIGHT_CLIPS: tuple[str | None, ...] = ("unit", "glorot", None)
 """Weight-clip ranges: [-clip_value, clip_value], BinaryConnect's per-layer [-H, H], none."""
@@ -63,6 +84,11 @@ BLOCK_ORDERS: tuple[str, ...] = ("paper", "conventional")
 def _check_variant(variant: str) -> None:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}: expected one of {', '.join(VARIANTS)}")
+
+
+def _check_binarisation(name: str, value: str) -> None:
+    if value not in BINARISATIONS:
+        raise ValueError(f"{name} must be 'deterministic' or 'stochastic', got {value!r}")
 
 
 def _check_weight_clip(weight_clip: str | None) -> None:
@@ -139,26 +165,49 @@ class _Binariser:
         weight_clip: str | None,
         clip_value: float,
         binarize_input: bool,
+        weight_binarisation: str = "deterministic",
+        activation_binarisation: str = "deterministic",
     ):
         _check_variant(variant)
         _check_weight_clip(weight_clip)
+        _check_binarisation("weight_binarisation", weight_binarisation)
+        _check_binarisation("activation_binarisation", activation_binarisation)
         self.variant = variant
         self.clipped = bool(clipped)
         self.weight_clip = weight_clip
         self.clip_value = float(clip_value)
         self.binarize_input = bool(binarize_input)
+        self.weight_binarisation = weight_binarisation
+        self.activation_binarisation = activation_binarisation
+
+    @property
+    def binary_weights(self) -> bool:
+        """Whether kernels are binarised (BinaryConnect, BinaryNet)."""
+        return self.variant in ("binaryconnect", "binarynet")
+
+    @property
+    def binary_activations(self) -> bool:
+        """Whether activations are binarised by the next layer's input quantiser (so no ReLU)."""
+        return self.variant in ("binarynet", "binary-activations")
 
     def input_binarised(self, first: bool) -> bool:
-        """Whether the layer's input is binarised (BinaryNet; the first layer optionally)."""
-        return self.variant == "binarynet" and (self.binarize_input or not first)
+        """Whether the layer's input is binarised (binary activations; the first layer optionally)."""
+        return self.binary_activations and (self.binarize_input or not first)
+
+    def _quantizer(self, binarisation: str, kernel: bool = False) -> SwitchableSteSign:
+        if binarisation != "stochastic":
+            return SwitchableSteSign(self.clipped, self.clip_value)
+        # A kernel clipped to BinaryConnect's [-H, H] draws in units of H, as BinaryConnect does.
+        scale = "glorot" if kernel and self.weight_clip == "glorot" else 1.0
+        return StochasticSteSign(self.clipped, self.clip_value, scale=scale)
 
     def layer_kwargs(self, first: bool) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"use_bias": False, "kernel_initializer": "glorot_uniform"}
-        if self.variant == "float":
-            return kwargs
-        kwargs["kernel_quantizer"] = SwitchableSteSign(self.clipped, self.clip_value)
         if self.input_binarised(first):
-            kwargs["input_quantizer"] = SwitchableSteSign(self.clipped, self.clip_value)
+            kwargs["input_quantizer"] = self._quantizer(self.activation_binarisation)
+        if not self.binary_weights:
+            return kwargs
+        kwargs["kernel_quantizer"] = self._quantizer(self.weight_binarisation, kernel=True)
         if self.weight_clip is not None:
             kwargs["kernel_constraint"] = SwitchableWeightClip(
                 clip_value=self.clip_value,
@@ -193,6 +242,8 @@ def mlp(
     clip_value: float = 1.0,
     binarize_input: bool = True,
     synchronized_bn: bool = False,
+    weight_binarisation: str = "deterministic",
+    activation_binarisation: str = "deterministic",
     name: str | None = None,
 ) -> tf.keras.Model:
     """The study's MNIST MLP: hidden dense (no bias) -> BN -> ReLU, output dense -> BN.
@@ -201,18 +252,25 @@ def mlp(
         input_shape: shape of one example, e.g. (28, 28, 1); it is flattened.
         num_classes: units of the output layer.
         hidden_units: units of each hidden layer (the study: 3 x 2048).
-        variant: "float", "binaryconnect" (default) or "binarynet" (no ReLU: the next
-            layer binarises the BN output).
+        variant: "float", "binaryconnect" (default), "binarynet" (no ReLU: the next
+            layer binarises the BN output) or "binary-activations" (binarynet's
+            activations, real-valued weights without weight clip).
         bn_momentum, bn_epsilon: of every BatchNormalization (the study: 0.85, 1e-4).
         clipped: start in the clipped phase (clipped STE and weight clipping on);
             a `ClippingSchedule` can flip it later either way.
         weight_clip: "unit" ([-clip_value, clip_value]), "glorot" (BinaryConnect's
             per-layer [-H, H]) or None (no weight-clip constraint at all).
         clip_value: STE clip and weight-clip range.
-        binarize_input: BinaryNet only: binarise the network's input (the first layer
-            is then fully binary, as Larq Compute Engine needs); False keeps it real.
+        binarize_input: BinaryNet (and binary-activations) only: binarise the network's
+            input (the first layer is then fully binary, as Larq Compute Engine needs);
+            False keeps it real.
         synchronized_bn: BatchNormalization computes its batch statistics over all
             replicas of a `tf.distribute` strategy (for runs on more than one replica).
+        weight_binarisation: "deterministic" (default: the sign, `SwitchableSteSign`) or
+            "stochastic" (`StochasticSteSign`: +1 with probability clip((w + 1) / 2, 0, 1)
+            while training, the sign at inference) for the binary kernels.
+        activation_binarisation: the same choice for the input quantisers (binary
+            activations).
 
     Layers are named ``dense_1, bn_1, relu_1, ..., dense_out, bn_out``. A model whose
     training state (`TRAINING_BYTES_PER_PARAMETER` per parameter) would not fit in this
@@ -223,7 +281,9 @@ def mlp(
     ```
     """
     _check_bn(bn_momentum, bn_epsilon, num_classes)
-    binariser = _Binariser(variant, clipped, weight_clip, clip_value, binarize_input)
+    binariser = _Binariser(
+        variant, clipped, weight_clip, clip_value, binarize_input, weight_binarisation, activation_binarisation
+    )
     rule = _rules().MODEL_FLAGS["hidden_units"]
     if isinstance(hidden_units, (str, bytes)) or not hasattr(hidden_units, "__iter__"):
         integers = rule.expected.replace("an integer", "integers")
@@ -239,7 +299,7 @@ def mlp(
     for i, width in enumerate(units, start=1):
         x = lq.layers.QuantDense(width, name=f"dense_{i}", **binariser.layer_kwargs(i == 1))(x)
         x = _batch_norm(f"bn_{i}", bn_momentum, bn_epsilon, synchronized_bn)(x)
-        if variant != "binarynet":
+        if not binariser.binary_activations:
             x = tf.keras.layers.Activation("relu", name=f"relu_{i}")(x)
     x = lq.layers.QuantDense(
         int(num_classes), name="dense_out", **binariser.layer_kwargs(not units)
@@ -271,6 +331,8 @@ def vgg10(
     clip_value: float = 1.0,
     binarize_input: bool = True,
     synchronized_bn: bool = False,
+    weight_binarisation: str = "deterministic",
+    activation_binarisation: str = "deterministic",
     name: str | None = None,
 ) -> tf.keras.Model:
     """The study's CIFAR-10 VGG-10 with the pool right after its convolution.
@@ -286,7 +348,8 @@ def vgg10(
     ReLU -> pool; BinaryNet: conv -> BN -> pool); the parameters are the same (BN normalises the same channels), the
     outputs are not (BN's statistics are taken before the max instead of after it).
 
-    Arguments as in `mlp` (so is the memory check); layers are named ``conv_1, pool_2, bn_1, relu_1, ...,
+    Arguments (`variant`, `weight_binarisation`, `activation_binarisation`, ...) as in
+    `mlp` (so is the memory check); layers are named ``conv_1, pool_2, bn_1, relu_1, ...,
     dense_1, ..., dense_out, bn_out``.
 
     ```python
@@ -294,7 +357,9 @@ def vgg10(
     ```
     """
     _check_bn(bn_momentum, bn_epsilon, num_classes)
-    binariser = _Binariser(variant, clipped, weight_clip, clip_value, binarize_input)
+    binariser = _Binariser(
+        variant, clipped, weight_clip, clip_value, binarize_input, weight_binarisation, activation_binarisation
+    )
     _rules().MODEL_FLAGS["width_multiplier"].check("width_multiplier", width_multiplier)
     _rules().MODEL_FLAGS["block_order"].check("block_order", block_order)
     parameters = vgg10_parameters(input_shape, num_classes, width_multiplier)
@@ -304,7 +369,7 @@ def vgg10(
         return _vgg10_width(units, width_multiplier)
 
     def activation(x: tf.Tensor, i: str) -> tf.Tensor:
-        return x if variant == "binarynet" else tf.keras.layers.Activation("relu", name=f"relu_{i}")(x)
+        return x if binariser.binary_activations else tf.keras.layers.Activation("relu", name=f"relu_{i}")(x)
 
     inputs = tf.keras.Input(shape=tuple(input_shape), name="image")
     x = inputs
@@ -381,6 +446,8 @@ def resnet18(
     clip_value: float = 1.0,
     binarize_input: bool = True,
     synchronized_bn: bool = False,
+    weight_binarisation: str = "deterministic",
+    activation_binarisation: str = "deterministic",
     name: str | None = None,
 ) -> tf.keras.Model:
     """The CIFAR-style ResNet-18 the study binarised (Alizadeh et al., 2019, Table 5).
@@ -399,7 +466,8 @@ def resnet18(
     `Conv2D`, no quantiser, no weight clip), the residual sums and every BN. BinaryNet
     has no ReLU: the next binary layer binarises the real-valued sum.
 
-    Arguments as in `mlp` (so is the memory check); layers are named ``stem_conv,
+    Arguments (`variant`, `weight_binarisation`, `activation_binarisation`, ...) as in
+    `mlp` (so is the memory check); layers are named ``stem_conv,
     stem_bn, stem_relu, block{stage}_{block}_conv_1, ..._bn_1, ..._relu_1, ..._conv_2,
     ..._bn_2, [..._shortcut_conv, ..._shortcut_bn,] ..._add, ..._relu, ..., pool,
     dense_out, bn_out``.
@@ -409,7 +477,9 @@ def resnet18(
     ```
     """
     _check_bn(bn_momentum, bn_epsilon, num_classes)
-    binariser = _Binariser(variant, clipped, weight_clip, clip_value, binarize_input)
+    binariser = _Binariser(
+        variant, clipped, weight_clip, clip_value, binarize_input, weight_binarisation, activation_binarisation
+    )
     _rules().MODEL_FLAGS["width_multiplier"].check("width_multiplier", width_multiplier)
     parameters = resnet18_parameters(input_shape, num_classes, width_multiplier)
     _check_fits(parameters, f"width_multiplier {width_multiplier:g} and input shape {tuple(input_shape)}")
@@ -418,7 +488,7 @@ def resnet18(
         return _batch_norm(name, bn_momentum, bn_epsilon, synchronized_bn)(x)
 
     def activation(x: tf.Tensor, name: str) -> tf.Tensor:
-        return x if variant == "binarynet" else tf.keras.layers.Activation("relu", name=name)(x)
+        return x if binariser.binary_activations else tf.keras.layers.Activation("relu", name=name)(x)
 
     def binary_conv(x: tf.Tensor, filters: int, strides: int, name: str, first: bool = False) -> tf.Tensor:
         return lq.layers.QuantConv2D(

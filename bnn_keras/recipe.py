@@ -31,6 +31,7 @@ from bnn_keras import models as bk_models
 from bnn_keras import optimizers as bk_optimizers
 
 __all__ = [
+    "BINARISATIONS",
     "CLIPPINGS",
     "FIELDS",
     "HYPERPARAMETERS",
@@ -46,12 +47,20 @@ __all__ = [
     "Rule",
     "SCHEDULES",
     "SEED_MAX",
+    "STAGED_SCHEDULES",
     "TENSORBOARD_LEVELS",
     "get_recipe",
 ]
 
-SCHEDULES: tuple[str, ...] = ("clipped", "vanilla", "vanilla-then-clipped", "two-stage")
-"""Clipping schedules: clipped throughout, never, switched on mid-run, or after float pretraining."""
+SCHEDULES: tuple[str, ...] = ("clipped", "vanilla", "vanilla-then-clipped", "two-stage", "three-step")
+"""Clipping schedules: clipped throughout, never, switched on mid-run, after float pretraining, or after
+float pretraining and a stage of binary activations with real weights (ReActNet's steps)."""
+
+STAGED_SCHEDULES: tuple[str, ...] = ("two-stage", "three-step")
+"""The schedules that train the float twin first and hand its weights on, stage by stage."""
+
+BINARISATIONS: tuple[str, ...] = bk_models.BINARISATIONS
+"""How weights or activations are binarised in training: sign, or BinaryConnect's hard-sigmoid draw."""
 
 CLIPPINGS: tuple[str, ...] = ("both", "gradients", "weights", "none")
 """What the clipped phase turns on: clipped STE and weight clipping, one of them, or nothing."""
@@ -76,7 +85,17 @@ TENSORBOARD_LEVELS: tuple[str | None, ...] = (None, "scalars", "histograms")
 
 # Builder arguments that training.run sets itself (from recipe fields or the strategy);
 # the others come from model_kwargs.
-MODEL_ARGUMENTS = ("input_shape", "num_classes", "variant", "bn_momentum", "bn_epsilon", "clipped", "synchronized_bn")
+MODEL_ARGUMENTS = (
+    "input_shape",
+    "num_classes",
+    "variant",
+    "bn_momentum",
+    "bn_epsilon",
+    "clipped",
+    "synchronized_bn",
+    "weight_binarisation",
+    "activation_binarisation",
+)
 
 
 def _is_int(value: Any) -> bool:
@@ -224,6 +243,14 @@ FIELDS: dict[str, Rule] = {
     "lr_factor": _POSITIVE,
     "switch_bn_momentum": Rule("number", 0, 1, high_open=True, optional=True),
     "pretrain_epochs": Rule("int", 0),
+    "activation_epochs": Rule("int", 0),
+    "weight_binarisation": Rule("choice", choices=BINARISATIONS),
+    "activation_binarisation": Rule("choice", choices=BINARISATIONS),
+    "distill": Rule("number", 0, low_open=True, optional=True),
+    "distill_weight": Rule("number", 0, 1, low_open=True),
+    "weight_decay": Rule("number", 0),
+    "finetune_weight_decay": Rule("number", 0, optional=True),
+    "dead_zone": Rule("bool"),
     "plateau_action": Rule("choice", choices=PLATEAU_ACTIONS),
     "plateau_window": Rule("int", 1, optional=True),
     "plateau_margin": Rule("number", 0, 1),
@@ -324,6 +351,15 @@ class Recipe:
     lr_factor: float = 1.0
     switch_bn_momentum: float | None = None
     pretrain_epochs: int = 0
+    activation_epochs: int = 0  # three-step: epochs of binary activations with real weights
+    # binarisation and what grew out of the study (`bnn_keras.distill`, `bnn_keras.dead_zone`)
+    weight_binarisation: str = "deterministic"  # or "stochastic" (BinaryConnect's hard-sigmoid draw)
+    activation_binarisation: str = "deterministic"
+    distill: float | None = None  # staged schedules: temperature of the KL loss to the float twin
+    distill_weight: float = 1.0  # share of the distillation term (the label loss has 1 - it)
+    weight_decay: float = 0.0  # decoupled weight decay of the first stage (every stage if single-stage)
+    finetune_weight_decay: float | None = None  # staged schedules: of the binary stage (None: weight_decay)
+    dead_zone: bool = True  # per-epoch dead-zone shares in the history (binary layers only)
     # the last mile (`bnn_keras.plateau`): the plateau epoch is recorded in every summary
     plateau_action: str = "none"  # at the plateau: "none", "reduce_lr" (x plateau_lr_factor, once), "stop"
     plateau_window: int | None = None  # epochs without a gain > plateau_margin; None: a tenth of epochs, >= 2
@@ -393,9 +429,9 @@ class Recipe:
         if self.model_file is not None or self.model_sha256 is not None:
             if self.model_file == "":
                 raise ValueError("model_file (--model-file) is an empty path: expected a saved Keras model")
-            if self.schedule == "two-stage":
+            if self.schedule in STAGED_SCHEDULES:
                 raise ValueError(
-                    "schedule 'two-stage' needs the float twin bnn_keras builds for its own models; "
+                    f"schedule {self.schedule!r} needs the float twin bnn_keras builds for its own models; "
                     "a model file has none: use 'clipped', 'vanilla' or 'vanilla-then-clipped'"
                 )
             if self.model_kwargs:
@@ -403,15 +439,62 @@ class Recipe:
                     f"model_kwargs {', '.join(sorted(self.model_kwargs))} set bnn_keras' own builders, "
                     "not a model file: the file's model is trained as it is (model_kwargs={})"
                 )
-        if self.schedule == "two-stage" and self.pretrain_epochs < 1:
+        if self.schedule in STAGED_SCHEDULES and self.pretrain_epochs < 1:
             raise ValueError(
-                f"pretrain_epochs must be an integer >= 1 for schedule 'two-stage', got {self.pretrain_epochs!r}"
+                f"pretrain_epochs must be an integer >= 1 for schedule {self.schedule!r}, got {self.pretrain_epochs!r}"
             )
-        if self.clipping != "both" and self.schedule not in ("clipped", "two-stage"):
+        self._check_stages()
+        if self.clipping != "both" and self.schedule not in ("clipped", *STAGED_SCHEDULES):
             raise ValueError(
-                f"clipping {self.clipping!r} needs schedule 'clipped' or 'two-stage' "
+                f"clipping {self.clipping!r} needs schedule 'clipped', 'two-stage' or 'three-step' "
                 f"(it sets the clipped phase's parts), got schedule {self.schedule!r}"
             )
+
+    def _check_stages(self) -> None:
+        """The settings of the staged schedules, binarisation and weight decay."""
+        staged = self.schedule in STAGED_SCHEDULES
+        if self.schedule == "three-step":
+            if self.activation_epochs < 1:
+                raise ValueError(
+                    f"activation_epochs must be an integer >= 1 for schedule 'three-step', got {self.activation_epochs!r}"
+                )
+            if self.variant != "binarynet":
+                raise ValueError(
+                    "schedule 'three-step' binarises the activations, then the weights: variant must be "
+                    f"'binarynet', got {self.variant!r}"
+                )
+        elif self.activation_epochs:
+            raise ValueError(
+                f"activation_epochs is for schedule 'three-step', got {self.activation_epochs} with {self.schedule!r}"
+            )
+        if not staged:
+            for field in ("distill", "finetune_weight_decay"):
+                if getattr(self, field) is not None:
+                    raise ValueError(
+                        f"{field} needs a float stage before the binary one: schedule 'two-stage' or "
+                        f"'three-step', got {self.schedule!r}"
+                    )
+        if self.distill is None and self.distill_weight != 1.0:
+            raise ValueError(f"distill_weight mixes the distillation loss in: it needs distill, got {self.distill_weight}")
+        stochastic = [f for f in ("weight_binarisation", "activation_binarisation") if getattr(self, f) == "stochastic"]
+        if stochastic and (self.model_file is not None or self.model_sha256 is not None):
+            raise ValueError(
+                f"{stochastic[0]} 'stochastic' sets the quantisers of bnn_keras' own builders; a model file "
+                "keeps its own: expected 'deterministic'"
+            )
+        if "weight_decay" in self.optimizer_kwargs and (self.weight_decay or self.finetune_weight_decay is not None):
+            raise ValueError(
+                "weight decay is set twice: by optimizer_kwargs (--opt weight_decay) and by weight_decay / "
+                "finetune_weight_decay (--weight-decay, --finetune-weight-decay): expected one of them"
+            )
+        if self.optimizer.lower() == "bop" and (self.weight_decay or self.finetune_weight_decay):
+            raise ValueError("weight_decay does not apply to 'bop': its binary kernels have no latent weights to decay")
+
+    def stage_weight_decay(self, stage: str) -> float:
+        """The decoupled weight decay of `stage` ("train", "pretrain", "activations", "finetune")."""
+        if stage == "finetune" and self.finetune_weight_decay is not None:
+            return float(self.finetune_weight_decay)
+        return float(self.weight_decay)
 
     def __hash__(self) -> int:  # the kwargs are dicts: hash the recipe's JSON form instead
         return hash(json.dumps(self.to_dict(), sort_keys=True, default=str))

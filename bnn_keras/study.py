@@ -25,6 +25,19 @@ Tables (`TABLES`):
   first half of the epochs, binary fine-tuning for the second) and vanilla-then-clipped
   (switch at half the epochs), all with the same epoch budget.
 
+Beyond the study (the practice that grew out of it):
+
+- ``stochastic``: deterministic vs stochastic binarisation (BinaryConnect's hard-sigmoid
+  draw in training, the sign at inference), BinaryConnect and BinaryNet;
+- ``distillation``: two-stage and three-step (float -> binary activations -> binary),
+  BinaryNet, each with and without distillation from the float twin; epochs to best
+  validation and test error there;
+- ``weight_decay``: decoupled weight decay 0 / 5e-6 / 5e-5 in the float and in the
+  binary stage of two-stage;
+- ``dead_zone``: the share of latent weights at or beyond the clip value, and of flipped
+  signs, per epoch under vanilla, clipped and vanilla-then-clipped, with SGD and Adam
+  (``<table>_<column>.png`` curves beside the accuracy curves).
+
 ```python
 from bnn_keras import study
 results = study.run_study("runs/study", study.quick(), tables=["clipping"], seeds=2)
@@ -57,7 +70,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from bnn_keras import files, run_folder, study_ray, training
+from bnn_keras import dead_zone, files, run_folder, study_ray, training
 from bnn_keras import grid as grid_mod
 from bnn_keras.recipe import RECIPES, Recipe, Rule
 
@@ -112,6 +125,7 @@ class Table:
     claim: str = ""  # the study's claim the table tests, printed under its title
     early: Callable[[Recipe], int] | None = None  # a 1-based early epoch whose test error is shown too
     quick_epochs: int | None = None  # epochs of this table's runs in a --quick study (default: the base's)
+    curves: tuple[str, ...] = ("val_accuracy",)  # history columns drawn per epoch: <table>.png, <table>_<column>.png
 
 
 def _optimizer_cell(name: str, lr: float) -> Overrides:
@@ -206,6 +220,39 @@ def _pooling_model(base: Recipe, cell: Mapping[str, Any]) -> dict[str, Any]:
     """VGG-10 at the base's width (a 1/16-width one on an MLP base)."""
     width = base.model_kwargs.get("width_multiplier", 1.0) if base.model == "vgg10" else 0.0625
     return {"model": "vgg10", "model.width_multiplier": width}
+
+
+def _staged_epochs(base: Recipe, schedule: str) -> dict[str, Any]:
+    """The base's epoch budget split over the stages: half float; the rest binary (three-step: half of it activations)."""
+    first, rest = _halves(base)
+    if schedule == "two-stage":
+        return {"schedule": schedule, "pretrain_epochs": first, "epochs": rest}
+    activations = max(1, rest // 2)
+    return {"schedule": schedule, "pretrain_epochs": first, "activation_epochs": activations, "epochs": max(1, rest - activations)}
+
+
+DISTILL_TEMPERATURE = 1.0
+"""The distillation table's temperature: ReActNet's distributional loss is the KL at T = 1."""
+
+
+def _distillation_cell(schedule: str, distill: bool) -> Overrides:
+    def overrides(base: Recipe) -> dict[str, Any]:
+        return {**_staged_epochs(base, schedule), "variant": "binarynet", "clipping": "both",
+                "distill": DISTILL_TEMPERATURE if distill else None}
+
+    return overrides
+
+
+def _stochastic_cell(base: Recipe, cell: Mapping[str, Any]) -> dict[str, Any]:
+    """BinaryNet's stochastic cell draws its activations' signs too."""
+    binarynet = cell["variant"] == "binarynet"
+    return {"activation_binarisation": cell["weight_binarisation"] if binarynet else "deterministic"}
+
+
+def _dead_zone_cell(base: Recipe, cell: Mapping[str, Any]) -> dict[str, Any]:
+    """The optimiser's LR; vanilla-then-clipped switches at half the budget."""
+    switch = {"switch_epoch": max(1, base.epochs // 2), "patience": None} if cell["schedule"] == "vanilla-then-clipped" else {}
+    return {**_lr_of(cell["optimizer"], base), **switch, "clipping": "both", "dead_zone": True}
 
 
 TABLES: dict[str, Table] = {
@@ -312,6 +359,59 @@ TABLES: dict[str, Table] = {
         quick_epochs=12,
         claim="binary models keep improving long after the curves flatten; lowering the LR there "
         "does not help; do not early-stop",
+    ),
+    "stochastic": grid_table(
+        "stochastic",
+        "Stochastic binarisation (+1 with probability hard_sigmoid(w)) vs the sign; inference is the sign",
+        ["weight_binarisation=deterministic,stochastic", "variant=binaryconnect,binarynet"],
+        fixed={"model.weight_clip": "glorot"},  # BinaryConnect's [-H, H], in whose units it draws
+        derive=_stochastic_cell,
+        paper={
+            "BinaryConnect MNIST (MLP 3x1024)": {"deterministic": "1.29", "stochastic": "1.18"},
+            "BinaryConnect CIFAR-10 (VGG-like)": {"deterministic": "9.90", "stochastic": "8.27"},
+        },
+        claim="stochastic binarisation regularises: BinaryConnect's stochastic networks end with a lower "
+        "test error than its deterministic ones (Courbariaux et al. 2015)",
+    ),
+    "distillation": Table(
+        key="distillation",
+        title=f"Distillation from the float twin (KL at T = {DISTILL_TEMPERATURE:g}) in the staged schedules, BinaryNet, "
+        "same epoch budget",
+        cells={
+            "two-stage": _distillation_cell("two-stage", False),
+            "two-stage + distillation": _distillation_cell("two-stage", True),
+            "three-step": _distillation_cell("three-step", False),
+            "three-step + distillation": _distillation_cell("three-step", True),
+        },
+        paper={
+            "ImageNet top-1, their own ResNet-like BNNs": {
+                "three-step + distillation": "ReActNet-A 69.4 (Liu et al. 2020); 70.5 with the 2021 paper's recipe",
+                "two-stage + distillation": "Real-to-Binary 65.4 (staged, distilled at every stage; Martinez et al. 2020)",
+            },
+        },
+        layout="rows",
+        claim="a binary network learns more from the real-valued network's output distribution than from the "
+        "labels alone, and binarising activations before weights eases the hand-over (ReActNet, Real-to-Binary)",
+    ),
+    "weight_decay": grid_table(
+        "weight_decay",
+        "Decoupled weight decay per stage (two-stage: float pretraining, binary fine-tuning)",
+        ["weight_decay=0,5e-6,5e-5", "finetune_weight_decay=0,5e-6,5e-5"],
+        derive=lambda base, cell: _staged_epochs(base, "two-stage"),
+        paper={"Liu et al. 2021 (ImageNet, ReActNet-A)": {"best": "5e-6 in step 1, 0 in step 2"}},
+        claim="weight decay trades stability against dependence on the initialisation: a little in the first "
+        "stage, none once binary (Liu et al., ICML 2021)",
+    ),
+    "dead_zone": grid_table(
+        "dead_zone",
+        "The dead zone: latent weights at or beyond the clip value, over training",
+        ["schedule=vanilla,clipped,vanilla-then-clipped", "optimizer=sgd,adam"],
+        derive=_dead_zone_cell,
+        layout="dead_zone",
+        early=_early_epoch,
+        curves=("val_accuracy", "dead_zone_saturated", "dead_zone_beyond", "dead_zone_flipped"),
+        claim="clipping slows early training (the study); Adam's second moment revives weights the clipped STE "
+        "no longer moves (Liu et al., ICML 2021)",
     ),
 }
 """The study's ablation tables by key (``bnn-keras study --tables KEY ...``)."""
@@ -558,7 +658,7 @@ class _Entry:
     summary: dict[str, Any] | None = None
     failure: str | None = None
     seconds: float | None = None
-    tests: list[float | None] | None = None  # test accuracy per epoch, read once from its history (an early column)
+    rows: list[dict[str, Any]] | None = None  # its history, read once (an early column, the dead-zone table)
 
 
 class _Grid:
@@ -633,10 +733,13 @@ class _Grid:
         for entry in self.entries:
             if entry.summary is not None:
                 summary = entry.summary
-                if self.chosen[entry.key].early is not None:  # the early column reads the run's history, once
-                    if entry.tests is None:
-                        entry.tests = [row.get("test_accuracy") for row in _read_history(entry.recipe)]
-                    summary = {**summary, "test_accuracy_by_epoch": entry.tests}
+                table = self.chosen[entry.key]
+                if table.early is not None or table.layout == "dead_zone":  # these read the run's history, once
+                    if entry.rows is None:
+                        entry.rows = _read_history(entry.recipe)
+                    summary = {**summary, "test_accuracy_by_epoch": [row.get("test_accuracy") for row in entry.rows]}
+                    if table.layout == "dead_zone":
+                        summary["dead_zone_by_epoch"] = [{k: row.get(k) for k in DEAD_ZONE_COLUMNS} for row in entry.rows]
                 results[entry.key].setdefault(entry.cell, []).append(summary)
         return results
 
@@ -651,19 +754,20 @@ class _Grid:
         from bnn_keras import plots
 
         for key, table in self.chosen.items():
-            curves: dict[str, list[list[float]]] = {}
-            for entry in self.entries:
-                if entry.key == key and entry.summary is not None:
-                    rows = _read_history(entry.recipe)
-                    curves.setdefault(entry.cell, []).append([np.nan if r.get("val_accuracy") is None else r["val_accuracy"] for r in rows])
-            if not curves:  # every run of the table failed: nothing to draw
+            histories = [(e.cell, e.rows if e.rows is not None else _read_history(e.recipe))
+                         for e in self.entries if e.key == key and e.summary is not None]
+            if not histories:  # every run of the table failed: nothing to draw
                 continue
-            plots.plot_curves(
-                curves,
-                self.out / f"{key}.png",
-                ylabel="validation accuracy",
-                title=f"{table.title} ({len(self.seeds)} seed{'s' if len(self.seeds) > 1 else ''})",
-            )
+            for column in table.curves:
+                curves: dict[str, list[list[float]]] = {}
+                for cell, rows in histories:
+                    curves.setdefault(cell, []).append([np.nan if r.get(column) is None else r[column] for r in rows])
+                plots.plot_curves(
+                    curves,
+                    self.out / _curve_file(key, column),
+                    ylabel=_CURVE_LABELS.get(column, column),
+                    title=f"{table.title} ({len(self.seeds)} seed{'s' if len(self.seeds) > 1 else ''})",
+                )
         counts = self.counts
         if self.verbose:
             failed = f", {counts['failed']} failed (reasons in tables.md)" if counts["failed"] else ""
@@ -730,6 +834,8 @@ def render_tables(
             lines += [f"The study's claim: {table.claim}.", ""]
         if table.layout == "grid":
             lines += _grid_rows(key, table, cells, base, failed_cells)
+        elif table.layout == "dead_zone":
+            lines += _dead_zone_rows(key, table, cells, base, failed_cells)
         elif table.layout == "last_mile":
             lines += _last_mile_rows(key, table, cells, failed_cells)
         elif table.layout == "columns":
@@ -801,8 +907,7 @@ def _grid_rows(
     for name, values in zip(table.cells, texts):
         runs = cells.get(name, [])
         if not runs:
-            missing = _missing(key, name, failed_cells)
-            lines.append("| " + " | ".join([*values] + [missing] * (len(heads) - len(values))) + " |")
+            lines.append(_missing_row(key, name, values, len(heads), failed_cells))
             continue
         row = [
             *values,
@@ -815,6 +920,86 @@ def _grid_rows(
             row.append(_mean_cell(runs, lambda s: _early_error(s, early), ".2f") + "%")
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", f"n = {max((len(v) for v in cells.values()), default=0)} seeds per row; epochs are 1-based means."]
+    return lines + _paper_lines(table)
+
+
+def _paper_lines(table: Table) -> list[str]:
+    """The papers' numbers of a table without a column per cell, one line per source."""
+    def shown(value: str) -> str:
+        try:
+            float(value)
+        except ValueError:
+            return value
+        return f"{value}%"
+
+    return [""] + [
+        f"Paper, {source}: " + "; ".join(f"{name} {shown(value)}" for name, value in values.items()) + "."
+        for source, values in table.paper.items()
+    ] if table.paper else []
+
+
+DEAD_ZONE_COLUMNS: tuple[str, ...] = tuple(dead_zone.COLUMNS)
+"""The history's dead-zone columns (`bnn_keras.dead_zone`) the dead-zone table reads."""
+
+_CURVE_LABELS = {
+    "val_accuracy": "validation accuracy",
+    "dead_zone_saturated": "share of binary weights held at the clip value",
+    "dead_zone_beyond": "share of binary weights beyond the clip value",
+    "dead_zone_flipped": "share of binary weights whose sign flipped in the epoch",
+}
+
+
+def _curve_file(key: str, column: str) -> str:
+    """``<table>.png`` for validation accuracy, else ``<table>_<column>.png`` (the table's name not repeated)."""
+    return f"{key}.png" if column == "val_accuracy" else f"{key}_{column.removeprefix(key + '_')}.png"
+
+
+def _dead_zone_rows(
+    key: str, table: Table, cells: Mapping[str, Sequence[Mapping[str, Any]]], base: Recipe, failed_cells: set[str]
+) -> list[str]:
+    """Per cell: errors (early and at best), and the dead zone at the first, the early and the last epoch."""
+    early = table.early(base) if table.early is not None else 1
+    heads = [axis.key for axis in table.axes] + [
+        "test error", f"test error at epoch {early}",
+        "at clip: epoch 1 / {0} / last".format(early), "beyond clip: epoch 1 / {0} / last".format(early),
+        "flipped in the last epoch",
+    ]
+    lines = ["| " + " | ".join(heads) + " |", "|---" * len(heads) + "|"]
+
+    def at(column: str, epoch: int | None) -> Callable[[Mapping[str, Any]], float | None]:
+        def value(summary: Mapping[str, Any]) -> float | None:
+            rows = summary.get("dead_zone_by_epoch") or []
+            if not rows or (epoch is not None and len(rows) < epoch):
+                return None
+            found = rows[-1 if epoch is None else epoch - 1].get(column)
+            return None if found is None else 100 * found
+
+        return value
+
+    def three(runs: Sequence[Mapping[str, Any]], column: str) -> str:
+        return " / ".join(_mean_cell(runs, at(column, e), ".2f") for e in (1, early, None)) + "%"
+
+    texts = list(itertools.product(*(axis.texts for axis in table.axes)))
+    for name, values in zip(table.cells, texts):
+        runs = cells.get(name, [])
+        if not runs:
+            lines.append(_missing_row(key, name, values, len(heads), failed_cells))
+            continue
+        lines.append("| " + " | ".join([
+            *values,
+            _error_cell(runs),
+            _mean_cell(runs, lambda s: _early_error(s, early), ".2f") + "%",
+            three(runs, "dead_zone_saturated"),
+            three(runs, "dead_zone_beyond"),
+            _mean_cell(runs, at("dead_zone_flipped", None), ".2f") + "%",
+        ]) + " |")
+    lines += [
+        "",
+        "At clip: latent weights held at the clip value by weight clipping (only a large step moves them back); "
+        "beyond clip: |w| > clip, where the clipped STE passes no gradient (possible without weight clipping). "
+        "Shares of all binary weights, measured at the end of each epoch (`bnn_keras.dead_zone`); curves in "
+        + ", ".join(_curve_file(key, column) for column in table.curves if column != "val_accuracy") + ".",
+    ]
     return lines
 
 
@@ -857,6 +1042,11 @@ def _last_mile_rows(key: str, table: Table, cells: Mapping[str, Sequence[Mapping
         "more than the margin within the window (`bnn_keras.plateau`); the stopping run stops once the window has passed.",
     ]
     return lines
+
+
+def _missing_row(key: str, cell: str, values: Sequence[str], width: int, failed_cells: set[str]) -> str:
+    """A grid row of a cell without finished runs: its values, then "failed" or dashes."""
+    return "| " + " | ".join([*values] + [_missing(key, cell, failed_cells)] * (width - len(values))) + " |"
 
 
 def _missing(key: str, cell: str, failed_cells: set[str]) -> str:

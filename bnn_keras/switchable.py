@@ -13,7 +13,7 @@ and `bnn-keras train --model-file` work on it.
 | `SteSign(clip_value=None)`, `VanillaSteSign` | `SwitchableSteSign(clip_value=1.0)` | vanilla |
 | ``"magnitude_aware_sign"`` (`MagnitudeAwareSign(clip_value=c)`) | `SwitchableMagnitudeAwareSign(clip_value=c)` | clipped (vanilla for None) |
 | ``"weight_clip"`` (`lq.constraints.WeightClip(c)`) | `SwitchableWeightClip(clip_value=c)` | on |
-| `SwitchableSteSign`, `SwitchableWeightClip` | a copy | as they are |
+| `SwitchableSteSign`, `StochasticSteSign` (same seed), `SwitchableWeightClip` | a copy | as they are |
 
 Other quantisers (``"approx_sign"``, ``"swish_sign"``, DoReFa, ternary, ...) have no
 clipped STE to switch: they stay as they are and are listed, as are Lambda layers (their
@@ -40,7 +40,13 @@ import tensorflow as tf
 
 from bnn_keras._switch import Switchable, _check_flag, find_switchables, set_clipping
 from bnn_keras.constraints import SwitchableWeightClip
-from bnn_keras.quantizers import ClippedSteSign, SwitchableMagnitudeAwareSign, SwitchableSteSign, VanillaSteSign
+from bnn_keras.quantizers import (
+    ClippedSteSign,
+    StochasticSteSign,
+    SwitchableMagnitudeAwareSign,
+    SwitchableSteSign,
+    VanillaSteSign,
+)
 
 __all__ = ["NothingToSwitchError", "SwitchReport", "make_switchable"]
 
@@ -103,7 +109,8 @@ def _switchable_quantizer(quantizer: Any, clipped: bool | None) -> Switchable | 
     """The switchable twin of a quantiser object or function, or None when it has none."""
     if isinstance(quantizer, (SwitchableSteSign, SwitchableMagnitudeAwareSign)):
         start = quantizer.clipping_enabled if clipped is None else clipped
-        return type(quantizer)(clipped=start, clip_value=quantizer.clip_value)
+        seed = {"seed": quantizer.seed} if isinstance(quantizer, StochasticSteSign) else {}  # the same draws
+        return type(quantizer)(clipped=start, clip_value=quantizer.clip_value, **seed)
     if quantizer is lq.quantizers.ste_sign:  # the function: clip value 1
         return SwitchableSteSign(clipped=True if clipped is None else clipped, clip_value=1.0)
     if isinstance(quantizer, VanillaSteSign):

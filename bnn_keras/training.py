@@ -9,8 +9,8 @@ per epoch, rewritten after each), ``best_model.keras`` (the best-validation weig
 optimiser), ``summary.json`` (written last: it marks a finished run) and ``curves.png``.
 With ``tensorboard`` ("scalars" or "histograms"), TensorBoard event files in
 ``tensorboard/<stage>/`` (`bnn_keras.callbacks.TensorBoardLog`; chief only): one
-TensorBoard run per stage ("train", or "pretrain" and "finetune"), stepped by the run's
-epoch so both stages of "two-stage" line up; the epoch's history numbers, and the share of
+TensorBoard run per stage ("train", or "pretrain", ["activations",] "finetune"), stepped by the run's
+epoch so the stages of one run line up; the epoch's history numbers, and the share of
 binary weights that flipped sign, plus per-layer latent-weight histograms at "histograms".
 A resumed run writes the epoch it redoes again (TensorBoard shows the last value);
 ``--overwrite`` removes the old logs.
@@ -29,6 +29,26 @@ Clipping schedules (``Recipe.schedule``, `SCHEDULES`):
   the binary model (`bnn_keras.models.copy_weights`), fine-tune that for ``epochs``
   with clipping on (the study's Table 5), from ``lr_start * lr_factor`` and with
   ``switch_bn_momentum`` if given.
+- ``"three-step"`` (BinaryNet variant): float for ``pretrain_epochs``, then binary
+  activations with real weights (variant "binary-activations") for ``activation_epochs``,
+  then fully binary for ``epochs`` (ReActNet's two steps after a float start); each
+  stage starts from the last one's weights, with ``lr_start * lr_factor``.
+
+In both staged schedules, ``distill`` (a temperature T) trains every stage after the
+float one against the frozen float twin's softened outputs (`bnn_keras.distill`:
+KL divergence at T, mixed with the label loss by ``distill_weight``); the history's
+``loss`` stays the label loss and ``distill_loss`` is the KL term. ``weight_decay`` is
+the decoupled (AdamW-style: w <- w - lr * decay * w beside the optimiser's
+update) weight decay of the first stage (of every stage of a single-stage schedule),
+``finetune_weight_decay`` that of the last, binary, stage; neither touches BN scales,
+offsets and biases (`DECAY_EXCLUDED`). summary.json records each stage's value.
+
+The dead zone (``dead_zone``, on by default): every epoch of a model with binary layers
+adds ``dead_zone_saturated``, ``dead_zone_beyond``, ``dead_zone_inputs_beyond`` and
+``dead_zone_flipped`` to its history row (`bnn_keras.dead_zone`: the shares of latent
+weights at and beyond the clip value, of input pre-activations beyond it on the first
+`DEAD_ZONE_SAMPLE` validation images, of signs flipped in the epoch), per layer in
+TensorBoard as ``dead_zone/<metric>/<layer>``.
 
 Long runs: a run stopped at any moment (even by SIGKILL) and started again with the same
 recipe and folder continues after its last finished epoch, identically
@@ -62,6 +82,7 @@ import tensorflow as tf
 
 from bnn_keras import callbacks as bk_callbacks
 from bnn_keras import data as bk_data
+from bnn_keras import dead_zone as bk_dead_zone
 from bnn_keras import distribute as bk_distribute
 from bnn_keras import models as bk_models
 from bnn_keras import optimizers as bk_optimizers
@@ -70,6 +91,7 @@ from bnn_keras import speed as bk_speed
 from bnn_keras._switch import find_switchables
 from bnn_keras.callbacks import TrainingDivergedError, _batch_norm_layers
 from bnn_keras.constraints import SwitchableWeightClip
+from bnn_keras.distill import DistillingModel
 from bnn_keras.files import write_json, write_text
 from bnn_keras.plateau import PlateauAction
 from bnn_keras.quantizers import SwitchableSteSign
@@ -160,18 +182,16 @@ def _train(run_: "_Run", state: str, started: float) -> dict[str, Any]:
     recipe, folder = run_.recipe, run_.folder
     if run_.chief:
         folder.prepare(state)
-    final = "finetune" if recipe.schedule == "two-stage" else "train"
-    finished = folder.finished_epochs(final)
-    pretrain_finished = 0
-    if recipe.schedule == "two-stage":
-        pretrain_finished = recipe.pretrain_epochs if finished else folder.finished_epochs("pretrain")
-    done = pretrain_finished + finished
+    stages = _stages(recipe)
+    finished_by_stage = _finished_by_stage(folder, stages)
+    finished = finished_by_stage[-1]
+    done = sum(finished_by_stage)
     run_.rows.extend(folder.history(done))
     resumed_at = _record_start(run_, state, done, finished)
     _announce(run_, done)
-    if recipe.schedule == "two-stage":
-        model, extra = _two_stage(run_, finished, pretrain_finished)
-        stage, offset, schedule = "finetune", recipe.pretrain_epochs, None
+    if len(stages) > 1:
+        model, extra = _staged(run_, stages, finished_by_stage)
+        stage, offset, schedule = "finetune", sum(s.epochs for s in stages[:-1]), None
     else:
         model, extra = run_.first, {}
         set_clipping_parts(model, recipe.clipping if recipe.schedule == "clipped" else "none")
@@ -179,7 +199,7 @@ def _train(run_: "_Run", state: str, started: float) -> dict[str, Any]:
     run_.first = None
     best = BestKeeper(run_.splits.test, folder if run_.chief else None)
     best.resume(run_.rows[offset:])
-    run_.fit_stage(model, stage, recipe.epochs, finished, offset, [schedule] if schedule else [], best)
+    run_.fit_stage(model, stage, recipe.epochs, finished, offset, [schedule] if schedule else [], best, len(stages) - 1)
     switched = schedule.switched_at_epoch if schedule else None
     summary = _summary(run_, model, best, switched, extra, resumed_at, started)
     if run_.chief:
@@ -187,6 +207,39 @@ def _train(run_: "_Run", state: str, started: float) -> dict[str, Any]:
     else:
         folder.remove_empty_backup(remove_out=not run_.out_existed)
     return {**summary, "history": run_.rows, "output_dir": os.fspath(folder.out)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stage:
+    """One stage of a schedule: its name (in the history and the backup), model variant and epochs."""
+
+    name: str
+    variant: str
+    epochs: int
+
+
+def _stages(recipe: Recipe) -> list[_Stage]:
+    """The schedule's stages in order; the last one is reported (best epoch, test accuracy)."""
+    if recipe.schedule == "two-stage":
+        return [_Stage("pretrain", "float", recipe.pretrain_epochs), _Stage("finetune", recipe.variant, recipe.epochs)]
+    if recipe.schedule == "three-step":
+        return [
+            _Stage("pretrain", "float", recipe.pretrain_epochs),
+            _Stage("activations", "binary-activations", recipe.activation_epochs),
+            _Stage("finetune", recipe.variant, recipe.epochs),
+        ]
+    return [_Stage("train", recipe.variant, recipe.epochs)]
+
+
+def _finished_by_stage(folder: RunFolder, stages: list[_Stage]) -> list[int]:
+    """Each stage's finished epochs: every epoch of a stage a later stage has begun after."""
+    finished: list[int] = []
+    later_begun = False
+    for stage in reversed(stages):
+        count = stage.epochs if later_begun else folder.finished_epochs(stage.name)
+        later_begun = later_begun or count > 0
+        finished.insert(0, count)
+    return finished
 
 
 # --------------------------------------------------------------------------- the run's pieces
@@ -226,10 +279,10 @@ class _Run:
         if own is not None:
             _check_own_model(own, splits)
         run_ = cls(recipe, strategy, folder, chief, plan, splits, None, folder.out.exists(), own=own)
-        two_stage = recipe.schedule == "two-stage"
+        first = _stages(recipe)[0]
         with strategy.scope():
-            run_.first = run_.build("float" if two_stage else recipe.variant, recipe.bn_momentum)
-            run_.compile(run_.first, recipe.pretrain_epochs if two_stage else recipe.epochs, plan.replicas)
+            run_.first = run_.build(first.variant, recipe.bn_momentum)
+            run_.compile(run_.first, first.epochs, plan.replicas, recipe.stage_weight_decay(first.name))
         return run_
 
     @property
@@ -254,10 +307,12 @@ class _Run:
             bn_momentum=bn_momentum,
             bn_epsilon=self.recipe.bn_epsilon,
             synchronized_bn=self.plan.replicas > 1,
+            weight_binarisation=self.recipe.weight_binarisation,
+            activation_binarisation=self.recipe.activation_binarisation,
             **self.recipe.model_kwargs,
         )
 
-    def compile(self, model: tf.keras.Model, epochs: int, lr_scale: float) -> None:
+    def compile(self, model: tf.keras.Model, epochs: int, lr_scale: float, weight_decay: float = 0.0) -> None:
         recipe = self.recipe
         plan = bk_speed.choose(
             model,
@@ -270,7 +325,7 @@ class _Run:
         if recipe.verbose and self.speed is not None and plan != self.speed:  # the first is announced
             print(f"bnn-keras: speed: {plan.describe()}", flush=True)
         self.speed = plan
-        _compile(model, recipe, epochs, self.steps_per_epoch, lr_scale, not _ends_in_softmax(model), plan)
+        _compile(model, recipe, epochs, self.steps_per_epoch, lr_scale, not _ends_in_softmax(model), plan, weight_decay)
 
     def fit_stage(
         self,
@@ -281,26 +336,30 @@ class _Run:
         offset: int,
         schedule: list[tf.keras.callbacks.Callback],
         best: BestKeeper,
+        prior_stages: int = 0,
     ) -> bool:
         """Fit one stage from its first unfinished epoch; False if it had finished every epoch."""
         if stage_finished >= epochs:
             return False
-        before = offset + 1 if offset else 0  # iterators the stages before this one made
+        before = offset + prior_stages  # iterators the stages before this one made: epochs + 1 each
         _skip_shuffles(self.splits.train, before + stage_finished - self.iterators)
         write = self.folder.write_history if self.chief else None
         plateau = self._plateau(stage)
         if plateau and plateau[0].action == "stop" and plateau[0].plateau is not None:
             return False  # stopped at its plateau before a restart: nothing more to train
+        dead_zone = self._dead_zone(model)
         tensorboard = []
         if self.chief and self.recipe.tensorboard is not None:
             level = self.recipe.tensorboard
-            tensorboard.append(bk_callbacks.TensorBoardLog(self.folder.tensorboard(stage), level == "histograms", offset))
+            tensorboard.append(bk_callbacks.TensorBoardLog(
+                self.folder.tensorboard(stage), level == "histograms", offset, dead_zone[0] if dead_zone else None))
         callbacks = [
             bk_callbacks.EpochClock(),
             bk_callbacks.StopOnNonFinite(offset, self.steps_per_epoch),
             *schedule,
             best,
             *plateau,
+            *dead_zone,
             bk_callbacks.HistoryRows(self.rows, stage, offset, write),
             *tensorboard,  # before the backup: an epoch a restart does not redo has its events written
             tf.keras.callbacks.BackupAndRestore(os.fspath(self.folder.stage_backup(stage)), delete_checkpoint=False),
@@ -319,6 +378,19 @@ class _Run:
             raise TrainingDivergedError(f"{error}: training stopped; {self._kept()}") from None
         self.iterators = before + epochs + 1
         return True
+
+    def _dead_zone(self, model: tf.keras.Model) -> list[tf.keras.callbacks.Callback]:
+        """The dead-zone monitor on the first `DEAD_ZONE_SAMPLE` validation examples, where it can measure."""
+        if not self.recipe.dead_zone or not bk_dead_zone.binary_layers(model):
+            return []
+        try:
+            bk_dead_zone.DeadZoneProbe(model)
+        except ValueError as error:
+            if self.recipe.verbose:
+                print(f"bnn-keras: no dead-zone columns: {error}", flush=True)
+            return []
+        images = next(iter(self.splits.validation))[0]
+        return [bk_dead_zone.DeadZoneMonitor(images[:DEAD_ZONE_SAMPLE])]
 
     def _plateau(self, stage: str) -> list[PlateauAction]:
         """The last mile's callback, for every stage but float pretraining (with the stage's finished epochs)."""
@@ -361,6 +433,7 @@ def _compile(
     lr_scale: float,
     from_logits: bool = True,
     plan: bk_speed.SpeedPlan | None = None,
+    weight_decay: float = 0.0,
 ) -> None:
     if recipe.lr_schedule == "exponential":
         learning_rate: Any = bk_optimizers.ExponentialDecayPerEpoch(
@@ -368,7 +441,12 @@ def _compile(
         )
     else:
         learning_rate = recipe.lr_start * lr_scale
-    optimizer = bk_optimizers.get(recipe.optimizer, learning_rate=learning_rate, **recipe.optimizer_kwargs)
+    hyperparameters = dict(recipe.optimizer_kwargs)
+    if weight_decay:
+        hyperparameters["weight_decay"] = weight_decay
+    optimizer = bk_optimizers.get(recipe.optimizer, learning_rate=learning_rate, **hyperparameters)
+    if weight_decay:
+        optimizer.exclude_from_weight_decay(var_names=list(DECAY_EXCLUDED))
     if recipe.lr_scaling is not None:
         optimizer = bk_optimizers.LayerwiseLrScaling(optimizer, mode=recipe.lr_scaling)
     if recipe.loss == "squared_hinge":
@@ -386,6 +464,13 @@ def _compile(
         jit_compile=plan.jit_compile,
         steps_per_execution=plan.steps_per_execution,
     )
+
+
+DEAD_ZONE_SAMPLE = 100
+"""Validation examples the dead-zone shares of the inputs are measured on, each epoch."""
+
+DECAY_EXCLUDED: tuple[str, ...] = ("gamma", "beta", "bias")
+"""Variables weight decay leaves alone (a pattern in the name): BN scales and offsets, biases."""
 
 
 def set_clipping_parts(model: tf.keras.Model, clipping: str) -> None:
@@ -417,41 +502,59 @@ def _clipping_schedule(recipe: Recipe, rows: list[dict[str, Any]]) -> bk_callbac
     return schedule
 
 
-def _two_stage(run_: _Run, finished: int, pretrain_finished: int) -> tuple[tf.keras.Model, dict[str, Any]]:
-    """Pretrain the float twin (unless the fine-tune stage has begun), hand its weights to the binary model."""
+def _staged(run_: _Run, stages: list[_Stage], finished: list[int]) -> tuple[tf.keras.Model, dict[str, Any]]:
+    """Fit every stage before the last (unless a later one has begun), each handing its weights on.
+
+    The float twin (`run_.first`) is the first stage and, with ``distill``, the frozen teacher
+    of every later one; returns the last stage's model, compiled, and the hand-over numbers.
+    """
     recipe = run_.recipe
     momentum = recipe.bn_momentum if recipe.switch_bn_momentum is None else recipe.switch_bn_momentum
+    teacher = run_.first if recipe.distill is not None else None
+    models = [run_.first]
     with run_.strategy.scope():
-        model = run_.build(recipe.variant, momentum)
-        set_clipping_parts(model, recipe.clipping)
-        run_.compile(model, recipe.epochs, recipe.lr_factor * run_.plan.replicas)
-    if finished:  # the fine-tune stage's weights live in its backup from its first epoch on
-        stage_info = run_.folder.read_stage()
-    else:
-        float_model = run_.first
-        pretrain_best = BestKeeper(run_.splits.test, None)
-        pretrain_best.resume(run_.rows)
-        if not run_.fit_stage(float_model, "pretrain", recipe.pretrain_epochs, pretrain_finished, 0, [], pretrain_best):
-            run_.folder.restore(float_model, "pretrain")
-        with run_.strategy.scope():
-            bk_models.copy_weights(float_model, model)
-        stage_info = _hand_over_info(run_, model)
-        if run_.chief:
-            run_.folder.write_stage(stage_info)
-    return model, {**stage_info, "stage_boundary_epoch": recipe.pretrain_epochs}
+        for stage in stages[1:]:
+            model = run_.build(stage.variant, momentum)
+            set_clipping_parts(model, recipe.clipping)
+            if teacher is not None:
+                model = DistillingModel(
+                    model, teacher, recipe.distill, recipe.distill_weight, from_logits=not _ends_in_softmax(model)
+                )
+            run_.compile(model, stage.epochs, recipe.lr_factor * run_.plan.replicas, recipe.stage_weight_decay(stage.name))
+            models.append(model)
+    if teacher is not None and finished[1]:  # the float stage is not fitted again: its last weights teach
+        run_.folder.restore(teacher, stages[0].name)
+    info: dict[str, Any] = run_.folder.read_stage() if finished[1] else {}
+    offset = 0
+    for index, stage in enumerate(stages[:-1]):
+        model, following = models[index], models[index + 1]
+        if not finished[index + 1]:  # the next stage has not begun: this one ends and hands over
+            best = BestKeeper(run_.splits.test, None)
+            best.resume(run_.rows[offset:])
+            if not run_.fit_stage(model, stage.name, stage.epochs, finished[index], offset, [], best, index):
+                run_.folder.restore(model, stage.name)
+            with run_.strategy.scope():
+                bk_models.copy_weights(model, following)
+            info.update(_hand_over_info(run_, following, stage, offset, last=index == len(stages) - 2))
+            if run_.chief:
+                run_.folder.write_stage(info)
+        offset += stage.epochs
+    boundaries = {stage.name: sum(s.epochs for s in stages[:i]) for i, stage in enumerate(stages) if i}
+    return models[-1], {**info, "stage_boundary_epoch": offset, "stage_boundaries": boundaries}
 
 
-def _hand_over_info(run_: _Run, model: tf.keras.Model) -> dict[str, Any]:
-    """The float stage's best and the binarised model's accuracy before fine-tuning."""
-    binarised = model.evaluate(run_.splits.validation, verbose=0, return_dict=True)
-    binarised_test = model.evaluate(run_.splits.test, verbose=0, return_dict=True)
-    best_epoch, best_row = _best_row(run_.rows[: run_.recipe.pretrain_epochs])
+def _hand_over_info(run_: _Run, model: tf.keras.Model, stage: _Stage, offset: int, last: bool) -> dict[str, Any]:
+    """`stage`'s best epoch, and the accuracy of the next stage's model before it trains."""
+    handed_val = model.evaluate(run_.splits.validation, verbose=0, return_dict=True)
+    handed_test = model.evaluate(run_.splits.test, verbose=0, return_dict=True)
+    best_epoch, best_row = _best_row(run_.rows[offset : offset + stage.epochs])
+    into = "binarised" if last else "handed_over"
     return {
-        "pretrain_best_val_accuracy": best_row["val_accuracy"],
-        "pretrain_best_epoch": best_epoch,
-        "pretrain_test_accuracy_at_best": best_row.get("test_accuracy"),
-        "binarised_val_accuracy": binarised["accuracy"],
-        "binarised_test_accuracy": binarised_test["accuracy"],
+        f"{stage.name}_best_val_accuracy": best_row["val_accuracy"],
+        f"{stage.name}_best_epoch": best_epoch,
+        f"{stage.name}_test_accuracy_at_best": best_row.get("test_accuracy"),
+        f"{into}_val_accuracy": handed_val["accuracy"],
+        f"{into}_test_accuracy": handed_test["accuracy"],
     }
 
 
@@ -488,6 +591,9 @@ def _summary(
         "total_epochs": len(run_.rows),
         "switched_at_epoch": switched,
         "plateau": _plateau_summary(run_.rows, recipe, best.best_epoch),
+        "weight_decay": {stage.name: recipe.stage_weight_decay(stage.name) for stage in _stages(recipe)},
+        "binarisation": {"weights": recipe.weight_binarisation, "activations": recipe.activation_binarisation},
+        "distillation": None if recipe.distill is None else {"temperature": recipe.distill, "weight": recipe.distill_weight},
         **extra,
         **({"own_model": run_.switched} if run_.switched is not None else {}),
         "train_size": splits.train_size,
@@ -538,8 +644,9 @@ def _write_results(run_: _Run, summary: dict[str, Any], switched: int | None, ex
     marks = {}
     if switched is not None:
         marks[f"clipping on from epoch {switched + 1}"] = switched
-    if "stage_boundary_epoch" in extra:
-        marks[f"binarised after epoch {extra['stage_boundary_epoch']}"] = extra["stage_boundary_epoch"]
+    for stage, epoch in extra.get("stage_boundaries", {}).items():
+        what = "binary activations" if stage == "activations" else "binarised"
+        marks[f"{what} after epoch {epoch}"] = epoch
     what = f"{recipe.variant} {recipe.model}" if run_.own is None else f"{run_.own.name} (your model)"
     title = f"{recipe.name}: {what}, {recipe.schedule}"
     plots.plot_history(run_.rows, run_.folder.out / "curves.png", title=title, marks=marks)
@@ -668,7 +775,7 @@ def _announce(run_: _Run, done: int) -> None:
     recipe, splits = run_.recipe, run_.splits
     if not recipe.verbose:
         return
-    total = recipe.epochs + (recipe.pretrain_epochs if recipe.schedule == "two-stage" else 0)
+    total = sum(stage.epochs for stage in _stages(recipe))
     what = f"{recipe.variant} {recipe.model}" if run_.own is None else f"your model {run_.own.name!r}"
     print(
         f"bnn-keras: {recipe.name}: {what} on {splits.name} "

@@ -142,7 +142,7 @@ def test_weight_clip_options_and_clipped_start():
 
 
 def test_bad_names_raise_one_line_errors():
-    with pytest.raises(ValueError, match=r"^unknown variant 'xnor': expected one of float, binaryconnect, binarynet$"):
+    with pytest.raises(ValueError, match=r"^unknown variant 'xnor': expected one of float, binaryconnect, binarynet, binary-activations$"):
         models.mlp((4,), 2, variant="xnor")
     with pytest.raises(ValueError, match=r"^unknown model 'resnet': expected one of mlp, resnet18, vgg10$"):
         models.get("resnet")

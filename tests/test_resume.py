@@ -31,6 +31,14 @@ TWO_STAGE = ["train", "mnist_mlp", "--limit", "300", "--hidden-units", "16", "16
              "--epochs", "2", "--batch-size", "50", "--schedule", "two-stage", "--switch-bn-momentum", "0.6",
              "--verbose", "0"]
 
+# BinaryNet, float -> binary activations -> fully binary, distilled from the float twin, stochastic
+# signs in training: the draws, the teacher and the dead-zone columns must resume too.
+THREE_STEP = ["train", "mnist_mlp", "--limit", "300", "--hidden-units", "16", "--variant", "binarynet",
+              "--schedule", "three-step", "--pretrain-epochs", "1", "--activation-epochs", "2", "--epochs", "2",
+              "--batch-size", "50", "--distill", "2", "--distill-weight", "0.5", "--weight-binarisation", "stochastic",
+              "--activation-binarisation", "stochastic", "--weight-decay", "5e-6", "--finetune-weight-decay", "0",
+              "--verbose", "0"]
+
 
 def _command(argv, out, kill_at=None):
     prefix = [sys.executable, "-m", "bnn_keras.cli"] if kill_at is None else [sys.executable, KILLED_RUN, kill_at]
@@ -67,7 +75,10 @@ def _killed_then_finished(argv, out, kill_points):
 # epoch's backup (before its best model is promoted and the summary written).
 # TWO_STAGE: mid-way through the first fine-tune epoch, so the restart resumes exactly at
 # the stage boundary (the float model's last backup, the hand-over, the data order).
-CASES = {"switched": (SWITCHED, ["history:1", "batch:3:2", "backup:3"]), "two_stage": (TWO_STAGE, ["batch:2:1"])}
+# THREE_STEP: mid-way through the second epoch of binary activations, then mid-way through the
+# first fully binary epoch.
+CASES = {"switched": (SWITCHED, ["history:1", "batch:3:2", "backup:3"]), "two_stage": (TWO_STAGE, ["batch:2:1"]),
+         "three_step": (THREE_STEP, ["batch:2:1", "batch:3:2"])}
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +101,11 @@ def switched(runs):
 @pytest.fixture
 def two_stage(runs):
     return runs["two_stage"]
+
+
+@pytest.fixture
+def three_step(runs):
+    return runs["three_step"]
 
 
 def _without_wall_times(rows):
@@ -155,6 +171,17 @@ def test_two_stage_resumes_at_the_stage_boundary_exactly(two_stage):
     assert [r["bn_momentum"] for r in rows] == [0.85, 0.85, 0.6, 0.6]
     assert _read(pieces, "summary.json")["resumed_at_epochs"] == [2]
     assert seen[0]["rows"] == [0, 1] and "stage.json" in seen[0]["files"]  # killed in the fine-tune stage
+
+
+def test_three_step_with_distillation_and_stochastic_signs_resumes_exactly(three_step):
+    whole, pieces, seen = three_step
+    _assert_same_run(whole, pieces)
+    rows = _read(pieces, "history.json")
+    assert [(r["stage"], r["stage_epoch"]) for r in rows] == [
+        ("pretrain", 0), ("activations", 0), ("activations", 1), ("finetune", 0), ("finetune", 1)]
+    assert all(r["distill_loss"] > 0 for r in rows[1:]) and all("dead_zone_flipped" in r for r in rows[3:])
+    assert _read(pieces, "summary.json")["resumed_at_epochs"] == [2, 3]
+    assert seen[0]["rows"] == [0, 1] and seen[1]["rows"] == [0, 1, 2]
 
 
 # Validation accuracy peaks at epoch 1 of 4 (0.667, then 0.6 and 0.633; seed 0), the test

@@ -279,7 +279,7 @@ def test_set_clipping_parts_sets_each_switchable():
         ({"schedule": "vanilla-then-clipped", "switch_epoch": 2}, "switch_epoch must be < epochs (2) to switch at all, got 2"),
         ({"schedule": "two-stage"}, "pretrain_epochs must be an integer >= 1 for schedule 'two-stage', got 0"),
         ({"variant": "float"}, "variant 'float' has no binary layers to clip: schedule must be 'vanilla', got 'clipped'"),
-        ({"clipping": "weights", "schedule": "vanilla"}, "clipping 'weights' needs schedule 'clipped' or 'two-stage'"),
+        ({"clipping": "weights", "schedule": "vanilla"}, "clipping 'weights' needs schedule 'clipped', 'two-stage' or 'three-step'"),
         ({"lr_end": None}, "lr_end must be a number > 0 for the exponential schedule, got None"),
         ({"limit": 0}, "limit must be an integer >= 1 or None, got 0"),
     ],
