@@ -79,7 +79,7 @@ _RECIPE_FLAGS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("data", "--raw-dir", "folder with the original files (e.g. /usr/share/datasets/fashion-mnist), prepared into --data-dir once", {"metavar": "DIR"}),
     ("data", "--limit", "use only the first N training and N test examples", {"metavar": "N"}),
     ("model", "--model", "network (default: the recipe's)", {}),
-    ("model", "--variant", "float, binaryconnect (binary weights) or binarynet (binary weights and activations)", {}),
+    ("model", "--variant", "float, binaryconnect (binary weights), binarynet (binary weights and activations) or binary-activations (real weights)", {}),
     ("model", "--hidden-units", "mlp: units of each hidden layer (study: 2048 2048 2048)", {"nargs": "+", "metavar": "N"}),
     ("model", "--width-multiplier", "vgg10, resnet18: multiply every width by F", {"metavar": "F"}),
     ("model", "--block-order", "vgg10: conv -> pool -> BN -> act (paper, the study's) or conv -> BN -> act -> pool (conventional)", {}),

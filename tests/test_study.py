@@ -187,3 +187,45 @@ def test_a_seed_count_out_of_range_is_refused_before_the_grid_is_built(tmp_path,
         study.run_study(tmp_path / "s", study.quick(), tables=["clipping"], seeds=seeds)
     assert str(error.value) == message
     assert not (tmp_path / "s").exists()
+
+
+# ----------------------------------------------------------------------------- beyond the study
+
+
+def test_beyond_tables_set_what_they_claim_to_compare(tmp_path):
+    base = BASE.replace(epochs=6)
+    grid = {(key, cell): recipe for key, cell, _, recipe in study.cell_recipes(
+        tmp_path, base, ["stochastic", "distillation", "weight_decay", "dead_zone"], [0])}
+    stochastic = grid[("stochastic", "weight_binarisation=stochastic,variant=binarynet")]
+    assert (stochastic.weight_binarisation, stochastic.activation_binarisation) == ("stochastic", "stochastic")
+    assert grid[("stochastic", "weight_binarisation=stochastic,variant=binaryconnect")].activation_binarisation == "deterministic"
+    assert stochastic.model_kwargs["weight_clip"] == "glorot"
+    two, three = grid[("distillation", "two-stage + distillation")], grid[("distillation", "three-step")]
+    assert (two.schedule, two.pretrain_epochs, two.epochs, two.distill, two.variant) == ("two-stage", 3, 3, 1.0, "binarynet")
+    assert (three.schedule, three.pretrain_epochs, three.activation_epochs, three.epochs, three.distill) == (
+        "three-step", 3, 1, 2, None)
+    decay = grid[("weight_decay", "weight_decay=5e-6,finetune_weight_decay=0")]
+    assert (decay.stage_weight_decay("pretrain"), decay.stage_weight_decay("finetune")) == (5e-6, 0.0)
+    switched = grid[("dead_zone", "schedule=vanilla-then-clipped,optimizer=sgd")]
+    assert (switched.switch_epoch, switched.optimizer, switched.lr_start) == (3, "sgd", study.OPTIMIZER_LR["sgd"])
+
+
+def test_dead_zone_table_shows_the_shares_at_the_first_early_and_last_epoch(tmp_path, monkeypatch):
+    fake = FakeRun()
+
+    def run(recipe):
+        summary = fake(recipe)
+        sgd = recipe.optimizer == "sgd"
+        rows = [{"epoch": e, "val_accuracy": 0.5, "test_accuracy": 0.8 + 0.01 * e, "dead_zone_saturated": 0.01 * (e + 1),
+                 "dead_zone_beyond": 0.0, "dead_zone_flipped": 0.02 if sgd else 0.04} for e in range(recipe.epochs)]
+        training.write_json(recipe.out / "history.json", rows)
+        return summary
+
+    monkeypatch.setattr(training, "run", run)
+    result = study.run_study(tmp_path, BASE.replace(epochs=20), tables=["dead_zone"], seeds=1, verbose=0)
+    markdown = result["markdown"]
+    # early epoch: a tenth of 20 -> 2; at clip 1%, 2%, 20%; test error at epoch 2: 19%
+    assert "| vanilla | adam | 10.00% | 19.00% | 1.00 / 2.00 / 20.00% | 0.00 / 0.00 / 0.00% | 4.00% |" in markdown
+    assert "| clipped | sgd | 15.00% | 19.00% | 1.00 / 2.00 / 20.00% | 0.00 / 0.00 / 0.00% | 2.00% |" in markdown
+    for name in ("dead_zone.png", "dead_zone_saturated.png", "dead_zone_beyond.png", "dead_zone_flipped.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
