@@ -5,7 +5,7 @@ on a 3x256 MLP for ``--epochs`` epochs (the staged schedules split that budget b
 their stages), through `bnn_keras.study.run_study` (a re-run resumes), then writes their
 tables; the curves (``<table>.png``, ``dead_zone_*.png``) stay in the output folder.
 
-    python benchmarks/study_beyond.py                          # 1 seed, 10 epochs: about 40 min on 2 cores
+    python benchmarks/study_beyond.py --epochs 6               # 1 seed: 28 min on 2 cores (the README's run)
     python benchmarks/study_beyond.py --epochs 2 --limit 2000  # smoke run
 """
 
