@@ -903,9 +903,7 @@ def _grid_rows(
     if early is not None:
         heads.append(f"test error at epoch {early}")
     lines = ["| " + " | ".join(heads) + " |", "|---" * len(heads) + "|"]
-    texts = list(itertools.product(*(axis.texts for axis in table.axes)))
-    for name, values in zip(table.cells, texts):
-        runs = cells.get(name, [])
+    for name, values, runs in _grid_cells(table, cells):
         if not runs:
             lines.append(_missing_row(key, name, values, len(heads), failed_cells))
             continue
@@ -979,9 +977,7 @@ def _dead_zone_rows(
     def three(runs: Sequence[Mapping[str, Any]], column: str) -> str:
         return " / ".join(_mean_cell(runs, at(column, e), ".2f") for e in (1, early, None)) + "%"
 
-    texts = list(itertools.product(*(axis.texts for axis in table.axes)))
-    for name, values in zip(table.cells, texts):
-        runs = cells.get(name, [])
+    for name, values, runs in _grid_cells(table, cells):
         if not runs:
             lines.append(_missing_row(key, name, values, len(heads), failed_cells))
             continue
@@ -1042,6 +1038,14 @@ def _last_mile_rows(key: str, table: Table, cells: Mapping[str, Sequence[Mapping
         "more than the margin within the window (`bnn_keras.plateau`); the stopping run stops once the window has passed.",
     ]
     return lines
+
+
+def _grid_cells(
+    table: Table, cells: Mapping[str, Sequence[Mapping[str, Any]]]
+) -> Iterable[tuple[str, tuple[str, ...], Sequence[Mapping[str, Any]]]]:
+    """Each cell of a grid table in order: its name, its axis values as text, its finished runs."""
+    texts = itertools.product(*(axis.texts for axis in table.axes))
+    return ((name, values, cells.get(name, [])) for name, values in zip(table.cells, texts))
 
 
 def _missing_row(key: str, cell: str, values: Sequence[str], width: int, failed_cells: set[str]) -> str:
