@@ -59,7 +59,10 @@ class Target:
 TARGETS: dict[str, Target] = {
     "quantizers": Target(
         "bnn_keras/quantizers.py", None,
-        ("tests/test_quantizers.py", "tests/test_saving.py", "tests/test_make_switchable.py", "tests/test_bad_input_boundary.py"),
+        (
+            "tests/test_quantizers.py", "tests/test_stochastic.py", "tests/test_saving.py", "tests/test_make_switchable.py",
+            "tests/test_bad_input_boundary.py",
+        ),
     ),
     "constraints": Target(
         "bnn_keras/constraints.py", None,
@@ -84,7 +87,7 @@ TARGETS: dict[str, Target] = {
     "models": Target(
         "bnn_keras/models.py",
         ("_Binariser", "mlp", "vgg10", "_weighted_layers", "_bn_variables", "copy_weights"),
-        ("tests/test_models.py", "tests/test_bad_input_boundary.py"),
+        ("tests/test_models.py", "tests/test_stochastic.py", "tests/test_bad_input_boundary.py"),
     ),
     "best_epoch": Target(
         "bnn_keras/run_folder.py",
@@ -125,7 +128,20 @@ TARGETS: dict[str, Target] = {
     "non_finite": Target(
         "bnn_keras/callbacks.py", ("StopOnNonFinite",), ("tests/test_bad_input.py", "tests/test_callbacks.py")
     ),
+    "stages": Target(
+        "bnn_keras/training.py",
+        ("_stages", "_finished_by_stage", "_staged", "_hand_over_info"),
+        ("tests/test_training.py", "tests/test_resume.py", "tests/test_distill.py"),
+    ),
+    "distill": Target("bnn_keras/distill.py", None, ("tests/test_distill.py",)),
+    "dead_zone": Target("bnn_keras/dead_zone.py", None, ("tests/test_dead_zone.py",)),
 }
+
+# The modules the suite's first mutation target named (the 90% goal): the rest came later.
+CORE = frozenset({
+    "quantizers", "constraints", "switch", "callbacks", "lr_schedules", "layerwise", "models", "best_epoch", "summary",
+    "export_rewrite", "export_verify",
+})
 
 _SWAP_COMPARE = {
     ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
@@ -511,7 +527,7 @@ def report(outcomes: dict[Mutant, str], command: str, minutes: float) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     survivors: list[tuple[Mutant, str]] = []
-    totals = [0, 0, 0, 0]
+    totals, core = [0, 0, 0, 0], [0, 0, 0, 0]
     for name in sorted({m.target for m in outcomes}):
         mine = [m for m in outcomes if m.target == name]
         killed = [m for m in mine if outcomes[m] != "survived"]
@@ -521,11 +537,16 @@ def report(outcomes: dict[Mutant, str], command: str, minutes: float) -> str:
         score = len(killed) / max(len(mine) - len(explained), 1)
         row = [len(mine), len(killed), len(explained), len(alive) - len(explained)]
         totals = [t + r for t, r in zip(totals, row)]
+        if name in CORE:
+            core = [t + r for t, r in zip(core, row)]
         target = TARGETS[name]
         lines.append(
             f"| {name} | `{target.module}` | {', '.join(Path(t).name for t in target.tests)} | "
             + " | ".join(map(str, row)) + f" | {100 * score:.1f}% |"
         )
+    if core != totals and core[0]:
+        score = core[1] / max(core[0] - core[2], 1)
+        lines.append(f"| **core** ({len(CORE)} first targets) | | | {' | '.join(map(str, core))} | **{100 * score:.1f}%** |")
     score = totals[1] / max(totals[0] - totals[2], 1)
     lines.append(f"| **all** | | | {' | '.join(map(str, totals))} | **{100 * score:.1f}%** |")
     lines += ["", "## Survivors", ""]
@@ -558,8 +579,9 @@ def _report_from_log(log: Path, mutants: list[Mutant], args: argparse.Namespace)
         match = _LOG_LINE.fullmatch(text.strip())
         if match:
             total = int(match.group(1))
-            target = next((n for n, t in TARGETS.items() if t.module == match.group(3)), None)
-            mutant = by_key.get((target, match.group(4)))
+            # Two targets may share a module (callbacks, non_finite): the key names the function.
+            found = (by_key.get((n, match.group(4))) for n, t in TARGETS.items() if t.module == match.group(3))
+            mutant = next((m for m in found if m is not None), None)
             if mutant is not None:
                 outcomes[mutant] = match.group(2)
     command = f"python benchmarks/mutation.py --jobs {args.jobs}, stopped after {len(outcomes)} of {total} mutants"

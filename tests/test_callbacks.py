@@ -56,6 +56,18 @@ def test_new_bn_momentum_is_used_by_the_training_step():
     np.testing.assert_allclose(bn.moving_mean.numpy(), pre_bn(X).numpy().mean(axis=0), atol=1e-5)
 
 
+@pytest.mark.parametrize("momentum, functions", [(0.9, 1), (0.5, 2)])
+def test_the_train_step_is_rebuilt_only_when_the_bn_momentum_changes(momentum, functions):
+    """The model's BN momentum is 0.9: switching to 0.9 keeps the traced step, 0.5 retraces once."""
+    model = build()
+    seen = []
+    record = tf.keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: seen.append(model.train_function))
+    model.fit(X, Y, epochs=4, batch_size=16, verbose=0,
+              callbacks=[ClippingSchedule(switch_epoch=2, bn_momentum=momentum, monitor="loss", verbose=0), record])
+    assert len({id(f) for f in seen}) == functions
+    assert seen[0] is seen[1] and seen[2] is seen[3]
+
+
 def test_switch_epoch_zero_is_clipped_from_the_start():
     model = build()
     history = model.fit(X, Y, epochs=2, verbose=0, callbacks=[ClippingSchedule(switch_epoch=0, verbose=0)],

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bnn_keras.export.verify import _TIE_RTOL, _agreement
+from bnn_keras.export.verify import _TIE_RTOL, _agreement, _flipped_within_rounding
 
 
 def test_one_score_per_example_has_no_top1_only_a_difference():
@@ -80,3 +80,16 @@ def test_a_runner_up_exactly_at_the_tolerance_ties():
     # float64 scores, so the boundary is exact: top 1.0, runner-up 1.0 - _TIE_RTOL
     expected = np.array([[1.0, 1.0 - _TIE_RTOL]])
     assert _agreement([expected], [np.array([[0.0, 1.0]])])[1:] == ([0.0], [1.0])
+
+
+def test_flips_within_rounding_are_counted_per_input_of_a_sequence_output():
+    # (batch 2, positions 2, classes 3). Both inputs swap a near-tie (2.99 / 3.0) at their second
+    # position: input 0 changes nothing else (max |diff| 0.01, 0.33% of the scale 3), input 1
+    # also moves a score by 0.5 (17%). Within output_rtol 1%: only input 0's flip.
+    expected = np.array([[[3.0, 1.0, 0.0], [0.0, 2.99, 3.0]]] * 2, np.float32)
+    actual = expected.copy()
+    actual[:, 1, 1:] = [3.0, 2.99]
+    actual[1, 0, 2] = 0.5
+    assert _flipped_within_rounding([expected], [actual], output_rtol=0.01) == 1
+    assert _flipped_within_rounding([expected], [actual], output_rtol=0.2) == 2
+    assert _flipped_within_rounding([expected], [expected.copy()], output_rtol=0.2) == 0

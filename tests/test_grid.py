@@ -45,6 +45,7 @@ def test_values_are_read_by_each_settings_rule():
         ("batch_size=1.5", r"^grid batch_size values must be an integer >= 1, got '1.5'$"),
         ("opt.beta_2=1.5", r"^grid opt.beta_2 values must be a number in \[0, 1\), got '1.5'$"),
         ("optimizer=sgdd", r"^unknown grid value 'sgdd' for optimizer: expected one of "),
+        ("lr_scaling=x", r"^unknown grid value 'x' for lr_scaling: expected one of none, update, gradient$"),
         ("batch_size=50,,100", r"^grid batch_size has an empty value in '50,,100'"),
         ("batch_size=50,50", r"^grid batch_size repeats a value \(50, 50\): expected each value once$"),
         ("batch_size", r"^a grid must be KEY=V1,V2,\.\.\. \(e\.g\. opt\.beta_2=0\.9,0\.999\), got 'batch_size'$"),

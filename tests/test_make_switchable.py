@@ -117,8 +117,22 @@ def test_phases_of_switchable_and_vanilla_originals_are_kept_unless_told():
     assert not second.kernel_quantizer.clipping_enabled and second.kernel_quantizer.clip_value == 1.0
     assert report.quantizers == 2  # the two that were not switchable already
     assert first.kernel_quantizer is not model.layers[1].kernel_quantizer
+    assert first.input_quantizer.clip_value == 1.0
     copy = make_switchable(model, clipped=True)
     assert {s.clipping_enabled for s in bnn_keras.find_switchables(copy)} == {True}
+    assert copy.layers[1].input_quantizer.clip_value == 1.0
+
+
+def test_larqs_ste_sign_function_becomes_a_clipped_switchable_at_one():
+    """`lq.quantizers.ste_sign` (the function) clips at 1: its twin starts clipped unless told."""
+    inputs = tf.keras.Input((IN,))
+    x = lq.layers.QuantDense(4, input_quantizer=lq.quantizers.ste_sign, kernel_quantizer=lq.quantizers.ste_sign)(inputs)
+    model = tf.keras.Model(inputs, x)
+    for clipped, expected in ((None, True), (False, False), (True, True)):
+        layer = make_switchable(model, clipped=clipped).layers[1]
+        for quantizer in (layer.input_quantizer, layer.kernel_quantizer):
+            assert isinstance(quantizer, SwitchableSteSign)
+            assert (quantizer.clipping_enabled, quantizer.clip_value) == (expected, 1.0)
 
 
 def test_quantisers_used_as_layers_are_switched():

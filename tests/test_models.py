@@ -306,3 +306,29 @@ def test_vgg10_clips_at_one_by_default():
     assert {layer.kernel_quantizer.clip_value for layer in layers} == {1.0}
     assert {layer.kernel_constraint.clip_value for layer in layers} == {1.0}
     assert {layer.input_quantizer.clip_value for layer in layers if layer.input_quantizer is not None} == {1.0}
+
+
+def test_vgg10_conventional_order_pools_after_the_activation_with_the_same_shapes():
+    paper = models.vgg10((32, 32, 3), 10, width_multiplier=0.0625)
+    conventional = models.vgg10((32, 32, 3), 10, width_multiplier=0.0625, block_order="conventional")
+    names = [layer.name for layer in conventional.layers]
+    pooled = (2, 4, 6)
+    assert [names[names.index(f"conv_{i}"):][:4] for i in pooled] == [
+        [f"conv_{i}", f"bn_{i}", f"relu_{i}", f"pool_{i}"] for i in pooled
+    ]
+    pools = [conventional.get_layer(f"pool_{i}") for i in pooled]
+    assert {(pool.pool_size, pool.strides) for pool in pools} == {((2, 2), (2, 2))}
+    # 32 -> 16 -> 8 -> 4 either way: the same parameters, a 4 x 4 x 32 map into the first dense layer.
+    assert conventional.get_layer("flatten").output_shape == paper.get_layer("flatten").output_shape == (None, 4 * 4 * 32)
+    assert _count(conventional.trainable_weights) == _count(paper.trainable_weights)
+    assert conventional.get_layer("bn_2").input_shape == (None, 32, 32, 8)  # BN before the pool
+    assert paper.get_layer("bn_2").input_shape == (None, 16, 16, 8)
+
+
+def test_vgg10_defaults_start_vanilla_and_name_the_variant():
+    model = models.vgg10((8, 8, 1), 3, variant="binarynet", width_multiplier=0.03125)
+    assert model.name == "vgg10_binarynet"
+    switchables = bk.find_switchables(model)
+    assert len(switchables) == 3 * 9  # 6 conv + 3 dense layers: a kernel quantiser, weight clip, input quantiser each
+    assert not any(s.clipping_enabled for s in switchables)
+    assert models.vgg10((8, 8, 1), 3, width_multiplier=0.03125, name="mine").name == "mine"

@@ -119,3 +119,12 @@ def test_the_action_says_what_it_did_only_when_verbose(capsys):
         out = capsys.readouterr().out
         expected = "\nPlateauAction: val_accuracy plateaued at epoch 2 (no gain > 0 within 2 epochs): stopping (early stopping at the plateau)\n"
         assert out == (expected if verbose else "")
+
+
+def test_the_callbacks_defaults_are_the_recipes_window_10_and_margin_0_002():
+    # Epoch 0 then ten epochs 0.0015 better (< 0.002): the plateau is epoch 0, known after ten more.
+    assert plateau.PlateauAction(history=[0.5] + [0.5015] * 10).plateau == 0
+    assert plateau.PlateauAction(history=[0.5] + [0.5015] * 9).plateau is None  # the window is not over yet
+    # A gain of 0.003 (> 0.002) at epoch 1 moves the plateau there.
+    assert plateau.PlateauAction(history=[0.5, 0.503] + [0.503] * 10).plateau == 1
+    assert Recipe().plateau_margin == plateau.PlateauAction().margin == 0.002

@@ -130,6 +130,24 @@ def test_default_seed_comes_from_the_seeded_python_random():
     assert first == again != other
 
 
+def test_default_seeds_span_2_to_the_31():
+    """Unseeded quantisers draw seeds from [0, 2**31): 100 of them, 100 distinct seeds."""
+    tf.keras.utils.set_random_seed(4)
+    seeds = [StochasticSteSign().seed for _ in range(100)]
+    assert len(set(seeds)) == 100 and all(0 <= s < 2**31 for s in seeds)
+    assert max(seeds) > 2**30  # not a small range: P(max of 100 uniform draws <= 2**30) = 2**-100
+
+
+def test_larqs_flip_ratio_metric_counts_the_signs_two_draws_changed():
+    x = tf.constant(np.linspace(-0.9, 0.9, 40).astype("float32"))
+    q = StochasticSteSign(seed=5, metrics=["flip_ratio"])
+    first = q(x, training=True).numpy()
+    second = q(x, training=True).numpy()
+    (metric,) = q.metrics
+    assert float(metric.result()) == pytest.approx(np.mean(first != second), abs=1e-6)
+    assert 0 < np.mean(first != second) < 1
+
+
 def test_draws_resume_from_the_counter():
     """A quantiser whose counter is set to k draws what another draws on its (k+1)-th call."""
     x = tf.zeros((500,))

@@ -91,3 +91,12 @@ def test_the_flag_variable_holds_exactly_0_or_1(make):
         assert switchable.switch_variable.numpy() == (1.0 if on else 0.0)
         switchable.set_clipping_enabled(not on)
         assert switchable.switch_variable.numpy() == (0.0 if on else 1.0)
+
+
+@pytest.mark.parametrize("make", [lambda: SwitchableSteSign(), lambda: SwitchableWeightClip()])
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_setting_the_flag_takes_only_a_boolean(make, bad):
+    switchable = make()
+    with pytest.raises(ValueError, match=f"^value must be True or False, got {bad!r}$"):
+        switchable.set_clipping_enabled(bad)
+    assert switchable.switch_variable.numpy() == 0.0  # unchanged

@@ -138,6 +138,7 @@ def test_summary_reports_test_accuracy_at_the_best_validation_epoch(switched):
     assert (summary["epochs"], summary["train_size"], summary["validation_size"], summary["test_size"]) == (2, 450, 50, 500)
     assert summary["params"]["trainable"] == 784 * 32 + 32 * 32 + 32 * 10 + 2 * (32 + 32 + 10)
     assert summary["wall_time_s"] > 0
+    assert summary["distillation"] is None and "own_model" not in summary  # neither asked for
     assert Recipe.from_dict(summary["recipe"]) == recipe
     assert summary["test_accuracy_at_best"] > 0.4  # real images, 10 classes: it learned something
 
