@@ -466,12 +466,24 @@ def run(mutants: list[Mutant], jobs: int, timeout_factor: float) -> dict[Mutant,
     coverage_of: dict[str, dict[int, list[str]]] = {}
     durations: dict[str, float] = {}
     baseline: dict[str, float] = {}
-    for name in sorted({m.target for m in mutants}):
-        coverage_of[name], seconds_of, baseline[name] = covering_tests(servers[0], TARGETS[name])
-        durations.update(seconds_of)
-        print(f"baseline {name}: {', '.join(TARGETS[name].tests)} pass in {baseline[name]:.0f} s (with coverage)", flush=True)
     free = list(servers)
     lock = threading.Lock()
+
+    def measure(name: str) -> None:  # one clean coverage run per target, on whichever copy is free
+        with lock:
+            server = free.pop()
+        try:
+            lines, seconds_of, seconds = covering_tests(server, TARGETS[name])
+        finally:
+            with lock:
+                free.append(server)
+        with lock:
+            coverage_of[name], baseline[name] = lines, seconds
+            durations.update(seconds_of)
+            print(f"baseline {name}: {', '.join(TARGETS[name].tests)} pass in {seconds:.0f} s (with coverage)", flush=True)
+
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(measure, sorted({m.target for m in mutants})))
     outcomes: dict[Mutant, str] = {}
     done = [0]
 
