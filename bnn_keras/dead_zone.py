@@ -44,7 +44,7 @@ model.fit(x, y, epochs=10, callbacks=[DeadZoneMonitor(x[:100]), HistoryRows(rows
 from __future__ import annotations
 
 import numbers
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -174,7 +174,12 @@ class DeadZoneProbe:
                 f"model {model.name!r} has none (subclassed?) but input-quantised layers {self.input_layers}"
             )
         try:
-            return tf.keras.Model(model.inputs, [self.layers[name].input for name in self.input_layers])
+            tensors = [self.layers[name].input for name in self.input_layers]
+            for name, tensor in zip(self.input_layers, tensors):
+                # A nested model's own Input is no tensor of this graph, and Keras only notices when called.
+                if _is_input_of_another_graph(tensor, model.inputs):
+                    raise ValueError(f"layer {name!r} reads the input of a nested model, not a tensor computed from these")
+            return tf.keras.Model(model.inputs, tensors)
         except (AttributeError, ValueError) as error:
             first = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise ValueError(f"cannot read the inputs of layers {self.input_layers} from model "
@@ -188,6 +193,11 @@ class DeadZoneProbe:
                 {name: np.asarray(v) for name, v in zip(self.input_layers, inputs)})
 
 
+
+
+def _is_input_of_another_graph(tensor: Any, inputs: Sequence[Any]) -> bool:
+    layer = getattr(tensor, "_keras_history", (None,))[0]
+    return isinstance(layer, tf.keras.layers.InputLayer) and not any(tensor is i for i in inputs)
 
 
 def _measure(

@@ -367,6 +367,13 @@ def test_replay_skips_rows_without_the_monitored_value():
     assert (schedule._best, schedule._wait, schedule.switched_at_epoch) == (0.5, 0, None)
 
 
+def test_replay_reads_rows_without_a_phase_as_vanilla_epochs():
+    """A plain Keras history (no clipping_phase): vanilla epochs, so their plateau decides the switch."""
+    schedule = ClippingSchedule(monitor="val_loss", patience=2, verbose=0)
+    schedule.replay([{"val_loss": 0.5}, {"val_loss": 0.6}, {"val_loss": 0.7}], epochs=10)
+    assert (schedule._best, schedule._wait, schedule.switched_at_epoch) == (0.5, 2, 3)
+
+
 def test_replay_starts_afresh_each_time_it_is_called():
     schedule = ClippingSchedule(monitor="val_loss", patience=3, verbose=0)
     schedule.replay([{"val_loss": 0.2, "clipping_phase": 0.0}, {"val_loss": 0.9, "clipping_phase": 1.0}])

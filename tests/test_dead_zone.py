@@ -316,3 +316,23 @@ def test_bad_values_say_what_was_expected(make, message):
     with pytest.raises(ValueError) as error:
         make()
     assert str(error.value) == message
+
+
+@pytest.mark.parametrize("deep, reason", [
+    (False, "layer 'deep' reads the input of a nested model, not a tensor computed from these"),
+    (True, "Graph disconnected: cannot obtain value for tensor "),  # Keras' own first line
+])
+def test_an_input_quantised_layer_inside_a_nested_model_is_refused_in_one_line(deep, reason):
+    """Its input is no tensor of the outer graph: said at once, not as an AssertionError inside predict."""
+    inner_in = tf.keras.Input((4,))
+    h = tf.keras.layers.Dense(4)(inner_in) if deep else inner_in
+    binary = lq.layers.QuantDense(2, use_bias=False, input_quantizer="ste_sign", kernel_quantizer="ste_sign", name="deep")
+    inner = tf.keras.Model(inner_in, binary(h), name="inner")
+    inputs = tf.keras.Input((4,))
+    model = tf.keras.Model(inputs, inner(tf.keras.layers.Dense(4)(inputs)), name="outer")
+    with pytest.raises(ValueError) as error:
+        dead_zone_shares(model, X)
+    message = str(error.value)
+    assert message.startswith(
+        "cannot read the inputs of layers ['deep'] from model 'outer''s inputs (a shared or nested layer?): " + reason)
+    assert "\n" not in message

@@ -103,6 +103,19 @@ def test_distilling_model_refuses_a_teacher_of_other_outputs():
         DistillingModel(student, other, temperature=2.0)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": 0}, "temperature must be a number > 0, got 0"),
+    ({"temperature": float("nan")}, "temperature must be a number > 0, got nan"),
+    ({"temperature": "2"}, "temperature must be a number > 0, got '2'"),
+    ({"temperature": 2.0, "weight": 0}, r"weight must be a number in \(0, 1\], got 0"),
+    ({"temperature": 2.0, "weight": 1.5}, r"weight must be a number in \(0, 1\], got 1.5"),
+])
+def test_distilling_model_refuses_a_bad_temperature_or_weight_in_one_line(kwargs, message):
+    student, teacher = _pair()
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        DistillingModel(student, teacher, **kwargs)
+
+
 # ----------------------------------------------------------------------------- weight decay
 
 

@@ -93,3 +93,15 @@ def test_flips_within_rounding_are_counted_per_input_of_a_sequence_output():
     assert _flipped_within_rounding([expected], [actual], output_rtol=0.01) == 1
     assert _flipped_within_rounding([expected], [actual], output_rtol=0.2) == 2
     assert _flipped_within_rounding([expected], [expected.copy()], output_rtol=0.2) == 0
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"output_rtol": 0}, "output_rtol must be a number > 0 or None, got 0"),
+    ({"output_rtol": 1e-4, "max_wrong_share": 1.5}, r"max_wrong_share must be a number in \[0, 1\], got 1.5"),
+])
+def test_check_flatbuffer_refuses_bad_tolerances_before_running_anything(options, message):
+    from bnn_keras.export import ExportError
+    from bnn_keras.export.verify import check_flatbuffer
+
+    with pytest.raises(ExportError, match=f"^{message}$"):  # no model and no file: nothing is run
+        check_flatbuffer(None, b"", "lce", None, "given", min_top1=0.99, max_abs_diff=None, **options)

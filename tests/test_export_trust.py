@@ -127,6 +127,13 @@ def test_localisation_names_the_shifted_layer_with_its_numbers(issue):
     moves = SHIFT * np.sqrt(variance) * np.abs(bn.gamma.numpy()) / np.sqrt(variance + bn.epsilon)
     assert by_name[SHIFTED]["max_abs_diff"] == pytest.approx(float(np.max(moves)), rel=1e-4)
     assert by_name[SHIFTED]["wrong_share"] == by_name[SHIFTED]["replay_wrong_share"] == 1.0
+    # Localisation compares layers within the check's own output_rtol (the default when it has none).
+    for rtol, kind in ((0.5, "none"), (None, "wrong values")):
+        again = verify.check_flatbuffer(
+            reference, issue["twin_file"], "lce", x, "random", min_top1=0.0, max_abs_diff=None,
+            output_rtol=rtol, max_wrong_share=1.0, localise=True,
+        )["localisation"]
+        assert again["kind"] == kind
 
 
 def test_the_cli_flags_reach_the_check(issue, converts_the_twin, tmp_path, capsys):
@@ -337,8 +344,13 @@ def test_a_layer_that_cannot_be_replayed_inherits_the_flips_of_the_layer_before_
     assert (kind, layer) == ("sign flips", "bn_9")  # a layer with nothing off is not where it departs
     assert localise_module._verdict([_comparison("stem_bn", 0.0, 0.0)], 16)[:2] == ("none", None)
     # The same add as the first layer off is judged against Keras: 1.8% > FLIP_SHARE is wrong values.
-    kind, layer, _ = localise_module._verdict(layers[3:], 16)
+    kind, layer, summary = localise_module._verdict(layers[3:], 16)
     assert (kind, layer) == ("wrong values", "add_6") and 0.0182 > localise_module.FLIP_SHARE
+    assert summary.startswith("first wrong layer 'add_6' (TFOpLambda): 2% of its elements off against Keras, ")
+    # A replayable layer whose own inputs give it wrong values is judged on the replay, and says so.
+    kind, layer, summary = localise_module._verdict([_comparison("bn_11", 0.5, 0.25)], 16)
+    assert (kind, layer) == ("wrong values", "bn_11")
+    assert summary.startswith("first wrong layer 'bn_11' (BatchNormalization): 25% of its elements off from the file's own inputs, ")
 
 
 def _top1(expected: np.ndarray, actual: np.ndarray) -> float:

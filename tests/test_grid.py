@@ -66,6 +66,12 @@ def test_a_key_given_twice_and_a_huge_grid_are_refused():
         grid.parse([f"batch_size={many}", f"epochs={many}", f"limit={many}"])
 
 
+def test_cells_are_named_key_value_unless_short_names():
+    axes = grid.parse(["opt.beta_2=0.9,0.999", "batch_size=50"])
+    assert list(grid.cells(axes)) == ["opt.beta_2=0.9,batch_size=50", "opt.beta_2=0.999,batch_size=50"]
+    assert list(grid.cells(axes, short_names=True)) == ["0.9,50", "0.999,50"]
+
+
 def test_every_combination_is_a_cell_that_sets_exactly_its_values(tmp_path):
     table = study.grid_table("g", "g", ["opt.beta_2=0.9,0.999", "batch_size=50,100,200"])
     assert list(table.cells) == [

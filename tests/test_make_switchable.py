@@ -123,6 +123,17 @@ def test_phases_of_switchable_and_vanilla_originals_are_kept_unless_told():
     assert copy.layers[1].input_quantizer.clip_value == 1.0
 
 
+def test_a_model_already_switchable_is_copied_with_nothing_to_convert():
+    inputs = tf.keras.Input((IN,))
+    x = lq.layers.QuantDense(4, kernel_quantizer=SwitchableSteSign(clipped=True),
+                             kernel_constraint=SwitchableWeightClip(enabled=False))(inputs)
+    model = tf.keras.Model(inputs, x)
+    copy, report = make_switchable(model, report=True)
+    assert (report.quantizers, report.weight_clips) == (0, 0)
+    assert [s.clipping_enabled for s in bnn_keras.find_switchables(copy)] == [True, False]
+    np.testing.assert_array_equal(copy.predict(X, verbose=0), model.predict(X, verbose=0))
+
+
 def test_larqs_ste_sign_function_becomes_a_clipped_switchable_at_one():
     """`lq.quantizers.ste_sign` (the function) clips at 1: its twin starts clipped unless told."""
     inputs = tf.keras.Input((IN,))

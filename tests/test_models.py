@@ -300,9 +300,14 @@ def test_copy_weights_looks_into_nested_models():
                                   source.layers[1].get_layer("dense_1").kernel.numpy())
 
 
-def test_vgg10_clips_at_one_by_default():
-    model = models.vgg10((8, 8, 1), 3, variant="binarynet", clipped=True, width_multiplier=0.03125)
+@pytest.mark.parametrize("builder, kwargs", [
+    (models.vgg10, {"input_shape": (8, 8, 1), "width_multiplier": 0.03125}),
+    (models.mlp, {"input_shape": (6,), "hidden_units": (5, 4)}),
+])
+def test_builders_clip_at_one_by_default(builder, kwargs):
+    model = builder(num_classes=3, variant="binarynet", clipped=True, **kwargs)
     layers = _binary_layers(model)
+    assert len(layers) == (9 if builder is models.vgg10 else 3)
     assert {layer.kernel_quantizer.clip_value for layer in layers} == {1.0}
     assert {layer.kernel_constraint.clip_value for layer in layers} == {1.0}
     assert {layer.input_quantizer.clip_value for layer in layers if layer.input_quantizer is not None} == {1.0}

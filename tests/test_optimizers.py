@@ -571,3 +571,9 @@ def test_a_callables_numpy_multiplier_serialises_as_a_plain_number():
     config = opt.get_config()
     assert config["multipliers"] == {"^w:0$": 2.0} and type(config["multipliers"]["^w:0$"]) is float
     json.dumps(config["multipliers"])
+
+
+@pytest.mark.parametrize("kwargs, names", [({"clipnorm": 1.0}, "clipnorm"), ({"weight_decay": 0.1, "clipvalue": 2.0}, "weight_decay, clipvalue")])
+def test_layerwise_scaling_sends_gradient_options_to_the_inner_optimiser(kwargs, names):
+    with pytest.raises(ValueError, match=f"^set {names} on the inner optimiser, not on LayerwiseLrScaling$"):
+        LayerwiseLrScaling(tf.keras.optimizers.SGD(0.1), **kwargs)

@@ -18,6 +18,7 @@ from bnn_keras.recipe import Recipe
         ([0.8, 0.5, 0.5, 0.81, 0.7, 0.7, 0.7], 3, 0.0, True, 3),  # 0.81 beats 0.8: the plateau starts there
         ([0.5, 0.8, 0.6, 0.7, 0.75], 2, 0.0, True, 1),  # after 0.8 nothing beats it, though 0.7 beats 0.6
         ([0.4, 0.4, 0.4], 2, 0.0, True, 0),
+        ([0.5, 0.5, 0.5, 0.9], 2, 0.0, False, 0),  # 0.9 comes one epoch after epoch 0's window: too late
         ([], 2, 0.0, False, None),
     ],
 )

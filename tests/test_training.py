@@ -139,6 +139,10 @@ def test_summary_reports_test_accuracy_at_the_best_validation_epoch(switched):
     assert summary["params"]["trainable"] == 784 * 32 + 32 * 32 + 32 * 10 + 2 * (32 + 32 + 10)
     assert summary["wall_time_s"] > 0
     assert summary["distillation"] is None and "own_model" not in summary  # neither asked for
+    # A dense-only model on the CPU: "auto" picks XLA and one execution block per epoch (450 / 50 = 9 steps).
+    speed = summary["speed"]
+    assert (speed["device"], speed["jit_compile"], speed["steps_per_execution"]) == ("CPU", True, 9)
+    assert speed["description"].startswith("XLA on (")
     assert Recipe.from_dict(summary["recipe"]) == recipe
     assert summary["test_accuracy_at_best"] > 0.4  # real images, 10 classes: it learned something
 
