@@ -152,3 +152,25 @@ def test_a_killed_run_of_a_model_file_resumes_to_the_same_history(model_file, tm
             for out in (whole, pieces)]
     assert rows[0] == rows[1] and [r["clipping_phase"] for r in rows[0]] == [0.0, 1.0, 1.0]
     assert json.loads((pieces / "summary.json").read_text())["resumed_at_epochs"] == [1]
+
+
+def test_a_nested_model_trains_without_dead_zone_columns_and_says_why(tmp_path, capsys):
+    """Its input-quantised layer reads a nested model's Input: once, the run crashed at the first epoch's end."""
+    tf.keras.utils.set_random_seed(5)
+    flat_in = tf.keras.Input((28, 28, 1))
+    flat = tf.keras.Model(flat_in, tf.keras.layers.Flatten()(flat_in), name="flat")
+    head_in = tf.keras.Input((784,))
+    head = tf.keras.Model(head_in, lq.layers.QuantDense(
+        10, use_bias=False, input_quantizer="ste_sign", kernel_quantizer="ste_sign", kernel_constraint="weight_clip",
+        name="deep")(head_in), name="head")
+    inputs = tf.keras.Input((28, 28, 1))
+    model = tf.keras.Model(inputs, head(flat(inputs)), name="outer")
+    recipe = training.get_recipe("mnist_mlp").override(
+        epochs=1, limit=200, batch_size=50, verbose=1, output_dir=str(tmp_path / "run"))
+    result = training.run(recipe.replace(model_kwargs={}), model=model)
+    assert result["total_epochs"] == 1 and result["own_model"]["quantizers"] == 2
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert not any(key.startswith("dead_zone") for key in history[0])
+    printed = capsys.readouterr().out
+    assert ("bnn-keras: no dead-zone columns: cannot read the inputs of layers ['deep'] from model 'outer''s "
+            "inputs (a shared or nested layer?): layer 'deep' reads the input of a nested model") in printed
