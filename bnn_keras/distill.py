@@ -49,7 +49,8 @@ def distillation_loss(
     r"""Per-example $T^2 \cdot \mathrm{KL}(\mathrm{softmax}(z_t/T) \| \mathrm{softmax}(z_s/T))$, shape (batch,).
 
     Zero exactly when student and teacher give the same outputs; no gradient reaches the
-    teacher.
+    teacher. Probabilities (``from_logits=False``) are floored at 1e-12 before their log, so
+    a class with probability 0 stays finite (its logit is log 1e-12).
 
     ```python
     distillation_loss([[2.0, 0.0]], [[0.0, 0.0]], temperature=1.0)  # [0.4338...]

@@ -12,6 +12,7 @@ from bnn_keras.constraints import SwitchableWeightClip
 from bnn_keras.dead_zone import (
     DeadZoneMonitor,
     DeadZoneProbe,
+    _counts,
     dead_zone_columns,
     dead_zone_shares,
     kernel_signs,
@@ -336,3 +337,14 @@ def test_an_input_quantised_layer_inside_a_nested_model_is_refused_in_one_line(d
     assert message.startswith(
         "cannot read the inputs of layers ['deep'] from model 'outer''s inputs (a shared or nested layer?): " + reason)
     assert "\n" not in message
+
+
+def test_the_clip_band_includes_its_lower_edge_when_float32_holds_it_exactly():
+    # For this c the band's lower edge c - 1e-7 c is a float32 value itself: a weight right there
+    # is at the clip, the next float32 below it is not.
+    c = 0.30000004192093316
+    edge = np.float32(c - 1e-7 * c)
+    assert float(edge) == c - 1e-7 * c
+    values = np.array([edge, -edge, np.nextafter(edge, np.float32(0)), np.float32(c)], np.float32)
+    beyond, at_clip, _, _ = _counts(values, c)
+    assert (beyond, at_clip) == (0, 3)

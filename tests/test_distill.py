@@ -46,6 +46,16 @@ def test_distillation_loss_is_zero_for_identical_outputs_and_equal_for_probabili
         distillation_loss(logits, logits, 0)
 
 
+def test_zero_probabilities_are_floored_at_1e_minus_12_and_stay_finite():
+    # A saturated teacher (a hard 0) at a high temperature: log(1e-12) / 8 is -3.45, not -inf.
+    teacher = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]], np.float32)
+    student = np.array([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]], np.float32)
+    got = distillation_loss(teacher, student, 8.0, from_logits=False).numpy()
+    expected = _numpy_kd(np.log(np.maximum(teacher, 1e-12)), np.log(student), 8.0)
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    assert np.isfinite(got).all() and (got > 0).all()
+
+
 def test_distillation_gradient_reaches_the_student_only():
     teacher = tf.Variable([[2.0, -1.0, 0.5]])
     student = tf.Variable([[0.0, 0.0, 0.0]])

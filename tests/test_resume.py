@@ -74,10 +74,11 @@ def _killed_then_finished(argv, out, kill_points):
 # backup), mid-epoch 3 (after batch 2 of 6, in the clipped phase), and right after the last
 # epoch's backup (before its best model is promoted and the summary written).
 # TWO_STAGE: mid-way through the first fine-tune epoch, so the restart resumes exactly at
-# the stage boundary (the float model's last backup, the hand-over, the data order).
+# the stage boundary (the float model's last backup, the hand-over, the data order); then
+# mid-way through the second, with one fine-tune epoch finished.
 # THREE_STEP: mid-way through the second epoch of binary activations, then mid-way through the
 # first fully binary epoch.
-CASES = {"switched": (SWITCHED, ["history:1", "batch:3:2", "backup:3"]), "two_stage": (TWO_STAGE, ["batch:2:1"]),
+CASES = {"switched": (SWITCHED, ["history:1", "batch:3:2", "backup:3"]), "two_stage": (TWO_STAGE, ["batch:2:1", "batch:3:1"]),
          "three_step": (THREE_STEP, ["batch:2:1", "batch:3:2"])}
 
 
@@ -169,8 +170,9 @@ def test_two_stage_resumes_at_the_stage_boundary_exactly(two_stage):
     assert [(r["epoch"], r["stage"], r["stage_epoch"]) for r in rows] == [
         (0, "pretrain", 0), (1, "pretrain", 1), (2, "finetune", 0), (3, "finetune", 1)]
     assert [r["bn_momentum"] for r in rows] == [0.85, 0.85, 0.6, 0.6]
-    assert _read(pieces, "summary.json")["resumed_at_epochs"] == [2]
+    assert _read(pieces, "summary.json")["resumed_at_epochs"] == [2, 3]
     assert seen[0]["rows"] == [0, 1] and "stage.json" in seen[0]["files"]  # killed in the fine-tune stage
+    assert seen[1]["rows"] == [0, 1, 2]  # one fine-tune epoch finished
 
 
 def test_three_step_with_distillation_and_stochastic_signs_resumes_exactly(three_step):
