@@ -526,6 +526,12 @@ def run(mutants: list[Mutant], jobs: int, timeout_factor: float) -> dict[Mutant,
     return outcomes
 
 
+def _score(row: Sequence[int]) -> float:
+    """Percent killed of a (mutants, killed, equivalent, unexplained) row's non-equivalent mutants."""
+    mutants, killed, equivalent, _ = row
+    return 100 * killed / max(mutants - equivalent, 1)
+
+
 def report(outcomes: dict[Mutant, str], command: str, minutes: float) -> str:
     equivalent = read_equivalent()
     lines = [
@@ -546,7 +552,6 @@ def report(outcomes: dict[Mutant, str], command: str, minutes: float) -> str:
         alive = [m for m in mine if outcomes[m] == "survived"]
         explained = [m for m in alive if m.key in equivalent]
         survivors += [(m, equivalent.get(m.key, "UNEXPLAINED")) for m in alive]
-        score = len(killed) / max(len(mine) - len(explained), 1)
         row = [len(mine), len(killed), len(explained), len(alive) - len(explained)]
         totals = [t + r for t, r in zip(totals, row)]
         if name in CORE:
@@ -554,13 +559,11 @@ def report(outcomes: dict[Mutant, str], command: str, minutes: float) -> str:
         target = TARGETS[name]
         lines.append(
             f"| {name} | `{target.module}` | {', '.join(Path(t).name for t in target.tests)} | "
-            + " | ".join(map(str, row)) + f" | {100 * score:.1f}% |"
+            + " | ".join(map(str, row)) + f" | {_score(row):.1f}% |"
         )
     if core != totals and core[0]:
-        score = core[1] / max(core[0] - core[2], 1)
-        lines.append(f"| **core** ({len(CORE)} first targets) | | | {' | '.join(map(str, core))} | **{100 * score:.1f}%** |")
-    score = totals[1] / max(totals[0] - totals[2], 1)
-    lines.append(f"| **all** | | | {' | '.join(map(str, totals))} | **{100 * score:.1f}%** |")
+        lines.append(f"| **core** ({len(CORE)} first targets) | | | {' | '.join(map(str, core))} | **{_score(core):.1f}%** |")
+    lines.append(f"| **all** | | | {' | '.join(map(str, totals))} | **{_score(totals):.1f}%** |")
     lines += ["", "## Survivors", ""]
     if not survivors:
         lines.append("None.")
