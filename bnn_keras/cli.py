@@ -110,7 +110,7 @@ _RECIPE_FLAGS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("beyond the study", "--weight-decay", "decoupled weight decay (AdamW-style for Adam) of the first stage, or of every stage of a single-stage schedule (default 0)", {"metavar": "D"}),
     ("beyond the study", "--finetune-weight-decay", "two-stage, three-step: decoupled weight decay of the binary stage (default: --weight-decay)", {"metavar": "D"}),
     ("beyond the study", "--no-dead-zone", "do not measure the dead zone (saturated / beyond-clip latent weights and inputs, flipped signs) each epoch", {"dest": "dead_zone", "action": "store_false"}),
-    ("last mile", "--plateau-action", "at the validation plateau (no gain > --plateau-margin within --plateau-window epochs): none (only recorded in summary.json), reduce_lr (LR x --plateau-lr-factor, once) or stop (early stopping)", {}),
+    ("last mile", "--plateau-action", "at the validation plateau (no gain > --plateau-margin within --plateau-window epochs): none (only recorded in summary.json), reduce_lr (LR x --plateau-lr-factor, once) or stop (early stopping); on the last stage of a schedule only", {}),
     ("last mile", "--plateau-window", "plateau window in epochs (default: a tenth of --epochs, at least 2)", {"metavar": "N"}),
     ("last mile", "--plateau-margin", "smallest validation-accuracy gain that counts, in [0, 1] (default 0.002)", {"metavar": "A"}),
     ("last mile", "--plateau-lr-factor", "reduce_lr: multiply the LR by F at the plateau (default 0.1)", {"metavar": "F"}),

@@ -393,8 +393,13 @@ class _Run:
         return [bk_dead_zone.DeadZoneMonitor(images[:DEAD_ZONE_SAMPLE])]
 
     def _plateau(self, stage: str) -> list[PlateauAction]:
-        """The last mile's callback, for every stage but float pretraining (with the stage's finished epochs)."""
-        if stage == "pretrain":
+        """The last mile's callback (with the stage's finished epochs), on the last stage only.
+
+        That is the stage the run reports and whose plateau summary.json records; the stages
+        before it always run their configured epochs, so every stage boundary stays where
+        `--pretrain-epochs` / `--activation-epochs` put it, for a resumed run as for a whole one.
+        """
+        if stage != _stages(self.recipe)[-1].name:
             return []
         recipe = self.recipe
         done = [row["val_accuracy"] for row in self.rows if row.get("stage") == stage]

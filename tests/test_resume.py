@@ -39,6 +39,16 @@ THREE_STEP = ["train", "mnist_mlp", "--limit", "300", "--hidden-units", "16", "-
               "--activation-binarisation", "stochastic", "--weight-decay", "5e-6", "--finetune-weight-decay", "0",
               "--verbose", "0"]
 
+# Three-step with the plateau stop (window 1, margin 0.5: every stage's plateau is its first
+# epoch): the stop acts on the reported stage only, so the binary-activations stage runs its 4
+# epochs and its boundary stays put. Its validation accuracy drops at epoch 3 (below epoch 2's;
+# seed 0), where the first kill lands: the restart must take that stage's best from history.json.
+# Then mid-way through both fine-tune epochs; the second is the last (the plateau stop).
+PLATEAU_THREE_STEP = ["train", "mnist_mlp", "--limit", "300", "--hidden-units", "16", "--variant", "binarynet",
+                      "--schedule", "three-step", "--pretrain-epochs", "1", "--activation-epochs", "4", "--epochs", "3",
+                      "--batch-size", "50", "--plateau-action", "stop", "--plateau-window", "1", "--plateau-margin", "0.5",
+                      "--verbose", "0"]
+
 
 def _command(argv, out, kill_at=None):
     prefix = [sys.executable, "-m", "bnn_keras.cli"] if kill_at is None else [sys.executable, KILLED_RUN, kill_at]
@@ -79,7 +89,8 @@ def _killed_then_finished(argv, out, kill_points):
 # THREE_STEP: mid-way through the second epoch of binary activations, then mid-way through the
 # first fully binary epoch.
 CASES = {"switched": (SWITCHED, ["history:1", "batch:3:2", "backup:3"]), "two_stage": (TWO_STAGE, ["batch:2:1", "batch:3:1"]),
-         "three_step": (THREE_STEP, ["batch:2:1", "batch:3:2"])}
+         "three_step": (THREE_STEP, ["batch:2:1", "batch:3:2"]),
+         "plateau_three_step": (PLATEAU_THREE_STEP, ["batch:3:2", "batch:5:2", "batch:6:2"])}
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +195,21 @@ def test_three_step_with_distillation_and_stochastic_signs_resumes_exactly(three
     assert all(r["distill_loss"] > 0 for r in rows[1:]) and all("dead_zone_flipped" in r for r in rows[3:])
     assert _read(pieces, "summary.json")["resumed_at_epochs"] == [2, 3]
     assert seen[0]["rows"] == [0, 1] and seen[1]["rows"] == [0, 1, 2]
+
+
+def test_the_plateau_stop_ends_the_reported_stage_only_and_a_killed_run_resumes_exactly(runs):
+    whole, pieces, seen = runs["plateau_three_step"]
+    _assert_same_run(whole, pieces)
+    rows = _read(pieces, "history.json")
+    assert [(r["epoch"], r["stage"], r["stage_epoch"]) for r in rows] == [
+        (0, "pretrain", 0), *((1 + e, "activations", e) for e in range(4)), (5, "finetune", 0), (6, "finetune", 1)]
+    activations = [r["val_accuracy"] for r in rows[1:5]]
+    assert activations[2] <= max(activations[:2])  # the first kill's epoch is not a new best of its stage (nor is a tie)
+    assert [r["best_epoch"] for r in rows[1:5]] == [float(_first_best(rows[1 : 2 + e])) for e in range(4)]
+    summary = _read(pieces, "summary.json")
+    assert summary["plateau"]["epoch"] == 0 and summary["total_epochs"] == 7
+    assert summary["resumed_at_epochs"] == [3, 5, 6]
+    assert [state["rows"] for state in seen] == [[0, 1, 2], [0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5]]
 
 
 # Validation accuracy peaks at epoch 1 of 4 (0.667, then 0.6 and 0.633; seed 0), the test
