@@ -54,9 +54,11 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], Any]) -> Pa
         os.chmod(temporary, 0o666 & ~_umask())
         write(temporary)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(temporary):
             os.remove(temporary)
+        if isinstance(error, OSError) and error.filename is None and error.errno is not None:
+            raise OSError(error.errno, error.strerror, os.fspath(path)) from error  # say which file (zipfile does not)
         raise
     return path
 

@@ -11,6 +11,11 @@ each new best is saved as ``.pending-best_model-epoch<E>.keras``, and `promote_b
 renames the newest pending file of the finished epochs to ``best_model.keras`` once that
 epoch's backup exists.
 
+The backup is written in the background while the next epoch trains (`Backup`): the
+epoch's state is copied in memory at its end, and `PromoteBest` promotes an epoch's best
+model only once that backup is on disk, at the end of the next epoch or when `fit`
+returns (`PromoteBest.settle`).
+
 ```python
 folder = RunFolder("runs/x")
 folder.state(recipe, overwrite=False)   # "fresh", "overwrite", "resume" or "finished"
@@ -28,6 +33,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
+import larq as lq
 import numpy as np
 import tensorflow as tf
 
@@ -35,7 +41,7 @@ from bnn_keras import callbacks as bk_callbacks
 from bnn_keras import files
 from bnn_keras.recipe import Recipe
 
-__all__ = ["RESULTS", "RunConflictError", "RunFolder", "same_settings", "settings"]
+__all__ = ["Backup", "BestKeeper", "PromoteBest", "RESULTS", "RunConflictError", "RunFolder", "same_settings", "settings"]
 
 BACKUP = "backup"
 STAGES = ("train", "pretrain", "finetune")
@@ -228,8 +234,12 @@ class RunFolder:
     def pending_best_path(self, epoch: int) -> Path:
         return self.out / f".pending-best_model-epoch{epoch}.keras"
 
-    def promote_best(self, finished: int) -> None:
-        """Make the newest pending best model of the first `finished` epochs best_model.keras; drop the rest."""
+    def promote_best(self, finished: int, keep_later: bool = False) -> None:
+        """Make the newest pending best model of the first `finished` epochs best_model.keras; drop the rest.
+
+        With `keep_later` (mid-run, while later epochs' backups are still being written) the
+        pending files of epochs >= `finished` stay for a later promotion.
+        """
         pending = {}
         for path in self.out.iterdir():
             match = _PENDING_BEST.fullmatch(path.name)
@@ -238,8 +248,9 @@ class RunFolder:
         done = [epoch for epoch in pending if epoch < finished]
         if done:
             os.replace(pending.pop(max(done)), self.out / "best_model.keras")
-        for path in pending.values():  # older bests, or bests of an epoch that did not finish
-            path.unlink(missing_ok=True)
+        for epoch, path in pending.items():  # older bests, or bests of an epoch that did not finish
+            if not (keep_later and epoch >= finished):
+                path.unlink(missing_ok=True)
 
     # ----------------------------------------------------------------------- clean-up
 
@@ -317,12 +328,106 @@ class BestKeeper(bk_callbacks.BestValidation):
             save_model(self.model, self.best_weights, self.folder.pending_best_path(epoch))
 
 
-class PromoteBest(tf.keras.callbacks.Callback):
-    """After the epoch's backup (it comes after BackupAndRestore): its pending best model becomes best_model.keras."""
+_ASYNC = tf.train.CheckpointOptions(enable_async=True)
 
-    def __init__(self, folder: RunFolder):
+
+def _copy_quantized_variable_to_cpu(self: lq.quantized_variable.QuantizedVariable, object_map: Any) -> None:
+    """Larq's QuantizedVariable checkpoints as its latent variable, so its host copy is the latent one's."""
+    self.latent_variable._copy_trackable_to_cpu(object_map)
+    object_map[self] = object_map[self.latent_variable]
+
+
+def _async_support() -> None:
+    """Teach larq's QuantizedVariable TensorFlow's asynchronous checkpointing (larq 0.14 lacks it)."""
+    variable = lq.quantized_variable.QuantizedVariable
+    if variable._copy_trackable_to_cpu is tf.__internal__.tracking.Trackable._copy_trackable_to_cpu:
+        variable._copy_trackable_to_cpu = _copy_quantized_variable_to_cpu
+
+
+def not_copyable(root: Any) -> list[str]:
+    """What under `root` TensorFlow's asynchronous checkpointing could not copy (it would skip it).
+
+    A saved object (one that serialises tensors) whose class has no host copy of its own.
+    """
+    base = tf.__internal__.tracking.Trackable
+    names = []
+    for node in tf.train.TrackableView(root).descendants():
+        kind = type(node)
+        saved = (kind._serialize_to_tensors is not base._serialize_to_tensors
+                 or kind._gather_saveables_for_checkpoint is not base._gather_saveables_for_checkpoint)
+        if saved and kind._copy_trackable_to_cpu is base._copy_trackable_to_cpu:
+            names.append(f"{kind.__name__} {getattr(node, 'name', '')}".strip())
+    return names
+
+
+class Backup(tf.keras.callbacks.BackupAndRestore):
+    """`BackupAndRestore` whose epoch checkpoint is written while the next epoch trains.
+
+    Without a tf.distribute strategy the checkpoint (weights, optimiser state, epoch) is
+    copied in memory at the epoch's end and written by TensorFlow's asynchronous
+    checkpointing; the checkpoint index names it only once it is complete, so a run killed
+    mid-write resumes from the epoch before, as it would if killed just before the write.
+    Under a strategy (its variables are distributed), or with any saved object the
+    asynchronous copy would skip (`not_copyable`: a custom variable type), it writes
+    synchronously, as BackupAndRestore does (`background` says which). `issued` counts the
+    epochs whose backup has started; `wait` returns once every one is on disk.
+    """
+
+    def __init__(self, backup_dir: str):
+        super().__init__(backup_dir, delete_checkpoint=False)
+        self.issued = 0
+        self.background = False
+        self._checkpoint: tf.train.Checkpoint | None = None
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        super().on_train_begin(logs)
+        _async_support()
+        self._checkpoint = self._training_state.write_checkpoint_manager._checkpoint
+        self.background = self.model._distribution_strategy is None and not not_copyable(self._checkpoint)
+
+    def _backup(self, epoch: int, batch: int = 0) -> None:
+        if self.background:
+            self._training_state.write_checkpoint_manager.save(options=_ASYNC)
+        else:
+            super()._backup(epoch, batch)
+        self.issued = epoch + 1
+
+    def wait(self) -> None:
+        """Return once the backups started so far are written; a write that failed raises its error here."""
+        if self._checkpoint is None:
+            return
+        self._checkpoint.sync()
+        writer = getattr(self._checkpoint, "_async_checkpointer_impl", None)
+        error = getattr(writer, "_async_error", None)  # TensorFlow keeps the writer thread's error for its next save
+        if error is not None:
+            writer._async_error = None
+            raise error
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self.wait()
+        super().on_train_end(logs)
+
+
+class PromoteBest(tf.keras.callbacks.Callback):
+    """Turn the pending best model of the epochs whose backups are written into best_model.keras.
+
+    It goes before the `BestKeeper` and `backup` in the callback list: at the end of epoch E
+    it waits for the backups of epochs < E (started an epoch ago, written by now; a write
+    that failed raises here, before anything else is written) and promotes among their
+    pending best models; epoch E's own turn comes at the end of epoch E + 1 or in `settle`
+    (called when `fit` returns, normally or not).
+    """
+
+    def __init__(self, folder: RunFolder, backup: Backup):
         super().__init__()
         self.folder = folder
+        self.backup = backup
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        self.folder.promote_best(epoch + 1)
+        self.backup.wait()  # epoch `epoch`'s own backup has not started yet: this waits for the ones before
+        self.folder.promote_best(self.backup.issued, keep_later=True)
+
+    def settle(self) -> None:
+        """Wait for the backups started so far; promote the best model of the backed-up epochs."""
+        self.backup.wait()
+        self.folder.promote_best(self.backup.issued, keep_later=True)

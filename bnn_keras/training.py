@@ -96,7 +96,7 @@ from bnn_keras.files import write_json, write_text
 from bnn_keras.plateau import PlateauAction
 from bnn_keras.quantizers import SwitchableSteSign
 from bnn_keras.recipe import CLIPPINGS, FIELDS, LOSSES, LR_SCALINGS, LR_SCHEDULES, RECIPES, SCHEDULES, Recipe, get_recipe
-from bnn_keras.run_folder import BestKeeper, PromoteBest, RunConflictError, RunFolder
+from bnn_keras.run_folder import Backup, BestKeeper, PromoteBest, RunConflictError, RunFolder
 
 __all__ = [
     "CLIPPINGS",
@@ -353,27 +353,34 @@ class _Run:
             level = self.recipe.tensorboard
             tensorboard.append(bk_callbacks.TensorBoardLog(
                 self.folder.tensorboard(stage), level == "histograms", offset, dead_zone[0] if dead_zone else None))
+        backup = Backup(os.fspath(self.folder.stage_backup(stage)))
+        promote = PromoteBest(self.folder, backup) if self.chief and best.folder is not None else None
         callbacks = [
             bk_callbacks.EpochClock(),
             bk_callbacks.StopOnNonFinite(offset, self.steps_per_epoch),
             *schedule,
+            *([promote] if promote is not None else []),  # first writes of the epoch's end: a failed backup surfaces here
             best,
             *plateau,
             *dead_zone,
             bk_callbacks.HistoryRows(self.rows, stage, offset, write),
             *tensorboard,  # before the backup: an epoch a restart does not redo has its events written
-            tf.keras.callbacks.BackupAndRestore(os.fspath(self.folder.stage_backup(stage)), delete_checkpoint=False),
+            backup,
         ]
-        if self.chief and best.folder is not None:
-            callbacks.append(PromoteBest(self.folder))
         try:
-            model.fit(
-                self.splits.train,
-                validation_data=self.splits.validation,
-                epochs=epochs,
-                callbacks=callbacks,
-                verbose=self.recipe.verbose,
-            )
+            try:
+                model.fit(
+                    self.splits.train,
+                    validation_data=self.splits.validation,
+                    epochs=epochs,
+                    callbacks=callbacks,
+                    verbose=self.recipe.verbose,
+                )
+            except BaseException:  # the backups started are finished and promoted; the error is the one to report
+                with contextlib.suppress(Exception):
+                    _settle(backup, promote)
+                raise
+            _settle(backup, promote)
         except TrainingDivergedError as error:
             raise TrainingDivergedError(f"{error}: training stopped; {self._kept()}") from None
         self.iterators = before + epochs + 1
@@ -412,6 +419,13 @@ class _Run:
         if (out / "best_model.keras").exists():
             kept += " and the best model so far (best_model.keras)"
         return f"{kept}. Lower the learning rate and start afresh with --overwrite"
+
+
+def _settle(backup: Backup, promote: PromoteBest | None) -> None:
+    """When a stage's `fit` returns: its backups written, and the best model of the backed-up epochs promoted."""
+    backup.wait()
+    if promote is not None:
+        promote.settle()
 
 
 def _load_data(recipe: Recipe, global_batch: int) -> bk_data.DatasetSplits:

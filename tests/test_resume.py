@@ -88,7 +88,11 @@ def _killed_then_finished(argv, out, kill_points):
 # mid-way through the second, with one fine-tune epoch finished.
 # THREE_STEP: mid-way through the second epoch of binary activations, then mid-way through the
 # first fully binary epoch.
+# BACKGROUND: killed right after the backups of epochs 1 and 3 started in the background, most
+# likely before they were on disk; either way the restart ends like an uninterrupted run.
+BACKGROUND = SWITCHED[:SWITCHED.index("--schedule")] + ["--verbose", "0"]
 CASES = {"switched": (SWITCHED, ["history:1", "batch:3:2", "backup:3"]), "two_stage": (TWO_STAGE, ["batch:2:1", "batch:3:1"]),
+         "background": (BACKGROUND, ["started:1", "started:3"]),
          "three_step": (THREE_STEP, ["batch:2:1", "batch:3:2"]),
          "plateau_three_step": (PLATEAU_THREE_STEP, ["batch:3:2", "batch:5:2", "batch:6:2"])}
 
@@ -160,18 +164,30 @@ def test_each_kill_left_only_whole_files_and_the_finished_epochs(switched):
     after_history, mid_epoch, after_backup = seen
     improved = [row["best_epoch"] == row["epoch"] for row in _read(whole, "history.json")]
     assert improved[1] and improved[3]  # so the first and last kills leave a pending best model
-    # epoch 1's row and best model were written, its backup not: the restart redoes epoch 1
+    # epoch 1's row and best model were written, its backup not: the restart redoes epoch 1.
+    # Epoch 0's best model was promoted at epoch 1's end, once epoch 0's background backup was on disk
     assert after_history["rows"] == [0, 1] and after_history["resumed_at"] == []
     assert ".pending-best_model-epoch1.keras" in after_history["files"]
+    assert ".pending-best_model-epoch0.keras" not in after_history["files"]
     assert {"run.json", "backup", "best_model.keras", "history.json"} <= after_history["files"]
     # mid-epoch 3: epochs 0-2 finished (1 and 2 by the second start)
     assert mid_epoch["rows"] == [0, 1, 2] and mid_epoch["resumed_at"] == [1]
     # every epoch backed up, the last one's best model still pending: the restart only promotes it
     assert after_backup["rows"] == [0, 1, 2, 3] and after_backup["resumed_at"] == [1, 3]
-    assert ".pending-best_model-epoch3.keras" in after_backup["files"]
+    assert {".pending-best_model-epoch3.keras", "best_model.keras"} <= after_backup["files"]
     for state in seen:
         assert "summary.json" not in state["files"]
         assert not any(name.startswith((".history-", ".run-", ".best_model-")) for name in state["files"])
+
+
+def test_a_kill_while_the_backup_is_written_in_the_background_resumes_exactly(runs):
+    whole, pieces, seen = runs["background"]
+    _assert_same_run(whole, pieces)
+    summary = _read(pieces, "summary.json")
+    assert summary["resumed_at_epochs"][0] in (1, 2)  # epoch 1 redone, or its backup was complete
+    assert [state["rows"] for state in seen] == [[0, 1], [0, 1, 2, 3]]
+    for state in seen:
+        assert "summary.json" not in state["files"]
 
 
 def test_two_stage_resumes_at_the_stage_boundary_exactly(two_stage):

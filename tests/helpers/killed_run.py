@@ -7,7 +7,12 @@ POINT (epochs count over both stages of a two-stage run, all 0-based):
 - ``batch:E:B``: after the execution block holding batch B of epoch E (batch B itself with
   ``steps_per_execution`` 1), before the epoch ends;
 - ``history:E``: right after epoch E's history row is written, before its backup;
-- ``backup:E``: right after epoch E's backup, before its best model is promoted.
+- ``backup:E``: right after epoch E's backup is on disk, before its best model is promoted.
+
+Except for ``started``, each backup is on disk before the run goes on (a run writes it in
+the background otherwise), so what a kill leaves is known;
+- ``started:E``: right after epoch E's backup has started in the background, most likely
+  before it is on disk (either way the restart must end like an uninterrupted run).
 """
 
 import json
@@ -28,6 +33,14 @@ def die() -> None:
 def kill_at(point: str) -> None:
     kind, *numbers = point.split(":")
     at = [int(n) for n in numbers]
+    if kind != "started":
+        original_write = run_folder.Backup._backup
+
+        def write(self, epoch, batch=0):
+            original_write(self, epoch, batch)
+            self.wait()
+
+        run_folder.Backup._backup = write
     if kind == "batch":
         original_batch = callbacks.StopOnNonFinite.on_train_batch_end
 
@@ -47,16 +60,16 @@ def kill_at(point: str) -> None:
                 die()
 
         callbacks.HistoryRows.on_epoch_end = on_epoch_end
-    elif kind == "backup":
-        original_promote = run_folder.PromoteBest.on_epoch_end
+    elif kind in ("backup", "started"):
+        original_backup = run_folder.Backup._backup
 
-        def on_epoch_end(self, epoch, logs=None):
-            with open(self.folder.out / "history.json") as file:
-                if [json.load(file)[-1]["epoch"]] == at:  # the row of the epoch just backed up
+        def _backup(self, epoch, batch=0):
+            original_backup(self, epoch, batch)
+            with open(os.path.join(os.path.dirname(os.path.dirname(self.backup_dir)), "history.json")) as file:
+                if [json.load(file)[-1]["epoch"]] == at:  # the row of the epoch being backed up
                     die()
-            original_promote(self, epoch, logs)
 
-        run_folder.PromoteBest.on_epoch_end = on_epoch_end
+        run_folder.Backup._backup = _backup
     else:
         raise SystemExit(f"unknown kill point {point!r}")
 
