@@ -424,8 +424,7 @@ class PromoteBest(tf.keras.callbacks.Callback):
         self.backup = backup
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        self.backup.wait()  # epoch `epoch`'s own backup has not started yet: this waits for the ones before
-        self.folder.promote_best(self.backup.issued, keep_later=True)
+        self.settle()  # epoch `epoch`'s own backup has not started yet: this waits for the ones before
 
     def settle(self) -> None:
         """Wait for the backups started so far; promote the best model of the backed-up epochs."""

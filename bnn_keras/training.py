@@ -423,9 +423,10 @@ class _Run:
 
 def _settle(backup: Backup, promote: PromoteBest | None) -> None:
     """When a stage's `fit` returns: its backups written, and the best model of the backed-up epochs promoted."""
-    backup.wait()
     if promote is not None:
-        promote.settle()
+        promote.settle()  # it waits for the backups first
+    else:
+        backup.wait()
 
 
 def _load_data(recipe: Recipe, global_batch: int) -> bk_data.DatasetSplits:
