@@ -133,6 +133,15 @@ TARGETS: dict[str, Target] = {
         ("_stages", "_finished_by_stage", "_staged", "_hand_over_info"),
         ("tests/test_training.py", "tests/test_resume.py", "tests/test_distill.py"),
     ),
+    "background": Target(
+        "bnn_keras/run_folder.py",
+        ("_copy_quantized_variable_to_cpu", "_async_support", "not_copyable", "Backup", "PromoteBest"),
+        ("tests/test_background_writes.py", "tests/test_resume.py", "tests/test_faults.py"),
+    ),
+    "settle": Target(
+        "bnn_keras/training.py", ("_settle",),
+        ("tests/test_background_writes.py", "tests/test_resume.py", "tests/test_faults.py", "tests/test_training.py"),
+    ),
     "distill": Target("bnn_keras/distill.py", None, ("tests/test_distill.py",)),
     "dead_zone": Target("bnn_keras/dead_zone.py", None, ("tests/test_dead_zone.py",)),
 }
