@@ -406,6 +406,7 @@ class Backup(tf.keras.callbacks.BackupAndRestore):
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self.wait()
         super().on_train_end(logs)
+        self.model._training_state = None  # BackupAndRestore deletes it, and a later `fit` of the model reads it
 
 
 class PromoteBest(tf.keras.callbacks.Callback):

@@ -6,6 +6,9 @@ skip makes it write synchronously; a failed write raises at `wait`.
 
 from __future__ import annotations
 
+import threading
+import time
+
 import larq as lq
 import numpy as np
 import pytest
@@ -106,6 +109,41 @@ def test_a_failed_background_write_raises_at_wait(tmp_path, tmpfs):
     assert backup.background
     with pytest.raises(Exception, match="No space left on device"):
         backup.wait()
+    backup.wait()  # the error is reported once: a later wait has nothing left to report
+
+
+def test_a_fresh_backup_has_issued_nothing_and_waits_for_nothing(tmp_path):
+    backup = Backup(str(tmp_path / "backup"))  # fit can fail before on_train_begin: _settle still waits on it
+    assert backup.issued == 0 and not backup.background
+    assert backup.wait() is None and not (tmp_path / "backup").exists()
+
+
+@pytest.fixture
+def slow_background_writes(monkeypatch):
+    """Every checkpoint written off the main thread (the asynchronous writer) takes 0.5 s longer."""
+    write = tf.train.Checkpoint._write
+
+    def slow(self, *args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(0.5)
+        return write(self, *args, **kwargs)
+
+    monkeypatch.setattr(tf.train.Checkpoint, "_write", slow)
+
+
+def test_fit_returns_once_the_last_background_backup_is_written(tmp_path, slow_background_writes):
+    model = _binary_model()
+    backup = Backup(str(tmp_path / "backup"))
+    model.fit(_data(), epochs=2, verbose=0, callbacks=[backup])
+    assert backup.background and backup.issued == 2
+    assert tf.train.latest_checkpoint(str(tmp_path / "backup" / "chief")).endswith("ckpt-2")
+
+
+def test_the_same_model_fits_again_after_a_backed_up_fit_from_epoch_zero(tmp_path):
+    model = _binary_model()
+    model.fit(_data(), epochs=2, verbose=0, callbacks=[Backup(str(tmp_path / "backup"))])
+    history = model.fit(_data(), epochs=2, verbose=0)  # Keras' BackupAndRestore left an AttributeError here
+    assert history.epoch == [0, 1]
 
 
 def test_mid_run_promotion_keeps_the_bests_of_epochs_not_yet_backed_up(tmp_path):
