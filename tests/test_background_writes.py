@@ -155,3 +155,21 @@ def test_mid_run_promotion_keeps_the_bests_of_epochs_not_yet_backed_up(tmp_path)
     assert sorted(path.name for path in tmp_path.iterdir()) == [".pending-best_model-epoch3.keras", "best_model.keras"]
     folder.promote_best(3)  # at a restart: epoch 3 is not finished, its pending file goes
     assert sorted(path.name for path in tmp_path.iterdir()) == ["best_model.keras"]
+
+
+def test_a_stage_without_a_best_model_has_its_backups_written_when_its_fit_fails(tmp_path, monkeypatch, slow_background_writes):
+    from bnn_keras import callbacks, cli
+
+    out = tmp_path / "run"  # two-stage: the float stage keeps no best model of its own, so nothing promotes there
+    argv = ["train", "mnist_mlp", "--limit", "300", "--hidden-units", "8", "--pretrain-epochs", "3", "--epochs", "1",
+            "--batch-size", "50", "--schedule", "two-stage", "--steps-per-execution", "1", "--verbose", "0", "--out", str(out)]
+
+    def poison(self, batch, logs=None):  # a NaN weight in the float stage's epoch 2 (0-based 1)
+        if self._epoch == 1 and batch == 2:
+            gamma = self.model.get_layer("bn_1").gamma
+            gamma.assign(tf.fill(gamma.shape, np.nan))
+
+    monkeypatch.setattr(callbacks.StopOnNonFinite, "on_train_batch_begin", poison, raising=False)
+    assert cli.main(argv) == 1
+    # epoch 1's backup was still being written when the NaN stopped epoch 2: the command waited for it
+    assert tf.train.latest_checkpoint(str(out / "backup" / "pretrain" / "chief")).endswith("ckpt-1")
