@@ -31,3 +31,23 @@ def tmpfs(tmp_path):
     yield mount
     for folder in mounted:
         subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.fixture
+def nan_at(monkeypatch):
+    """``nan_at(epoch, batch)``: from that batch of that 0-based epoch (of a stage) on, layer bn_1's
+    gamma is NaN, set where `StopOnNonFinite` sees each batch begin; `monkeypatch.undo()` stops it."""
+    import numpy as np
+    import tensorflow as tf
+
+    from bnn_keras import callbacks
+
+    def poison_from(epoch: int, batch: int) -> None:
+        def poison(self, at, logs=None):
+            if self._epoch == epoch and at == batch:
+                gamma = self.model.get_layer("bn_1").gamma
+                gamma.assign(tf.fill(gamma.shape, np.nan))
+
+        monkeypatch.setattr(callbacks.StopOnNonFinite, "on_train_batch_begin", poison, raising=False)
+
+    return poison_from

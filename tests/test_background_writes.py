@@ -120,12 +120,12 @@ def test_a_fresh_backup_has_issued_nothing_and_waits_for_nothing(tmp_path):
 
 @pytest.fixture
 def slow_background_writes(monkeypatch):
-    """Every checkpoint written off the main thread (the asynchronous writer) takes 0.5 s longer."""
+    """Every checkpoint written off the main thread (the asynchronous writer) takes 3 s longer: far longer than a failed fit takes to return."""
     write = tf.train.Checkpoint._write
 
     def slow(self, *args, **kwargs):
         if threading.current_thread() is not threading.main_thread():
-            time.sleep(0.5)
+            time.sleep(3.0)
         return write(self, *args, **kwargs)
 
     monkeypatch.setattr(tf.train.Checkpoint, "_write", slow)
@@ -157,19 +157,13 @@ def test_mid_run_promotion_keeps_the_bests_of_epochs_not_yet_backed_up(tmp_path)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["best_model.keras"]
 
 
-def test_a_stage_without_a_best_model_has_its_backups_written_when_its_fit_fails(tmp_path, monkeypatch, slow_background_writes):
-    from bnn_keras import callbacks, cli
+def test_a_stage_without_a_best_model_has_its_backups_written_when_its_fit_fails(tmp_path, nan_at, slow_background_writes):
+    from bnn_keras import cli
 
     out = tmp_path / "run"  # two-stage: the float stage keeps no best model of its own, so nothing promotes there
     argv = ["train", "mnist_mlp", "--limit", "300", "--hidden-units", "8", "--pretrain-epochs", "3", "--epochs", "1",
             "--batch-size", "50", "--schedule", "two-stage", "--steps-per-execution", "1", "--verbose", "0", "--out", str(out)]
-
-    def poison(self, batch, logs=None):  # a NaN weight in the float stage's epoch 2 (0-based 1)
-        if self._epoch == 1 and batch == 2:
-            gamma = self.model.get_layer("bn_1").gamma
-            gamma.assign(tf.fill(gamma.shape, np.nan))
-
-    monkeypatch.setattr(callbacks.StopOnNonFinite, "on_train_batch_begin", poison, raising=False)
+    nan_at(1, 2)  # a NaN weight in the float stage's epoch 2 (0-based 1)
     assert cli.main(argv) == 1
     # epoch 1's backup was still being written when the NaN stopped epoch 2: the command waited for it
     assert tf.train.latest_checkpoint(str(out / "backup" / "pretrain" / "chief")).endswith("ckpt-1")

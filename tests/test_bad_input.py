@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import bnn_keras as bk
-from bnn_keras import callbacks, cli, models, training
+from bnn_keras import cli, models, training
 
 TINY = ["train", "mnist_mlp", "--limit", "300", "--hidden-units", "8", "--epochs", "2", "--batch-size", "50", "--verbose", "0"]
 
@@ -146,17 +146,11 @@ def test_absurd_learning_rate_one_step_per_execution_names_the_batch(tmp_path, c
     [("1", 2, "batch 3 of 6"), ("3", 3, "batches 4-6 of 6")],  # a hook per batch / per block of 3
 )
 def test_nan_mid_run_keeps_the_last_good_epoch_and_the_same_command_resumes_from_it(
-    tmp_path, capsys, monkeypatch, block, poisoned, where
+    tmp_path, capsys, monkeypatch, nan_at, block, poisoned, where
 ):
     out = tmp_path / "run"
     argv = TINY + ["--out", str(out), "--steps-per-execution", block]
-
-    def poison(self, batch, logs=None):  # a NaN weight from epoch 2 (0-based 1), batch `poisoned` (0-based) on
-        if self._epoch == 1 and batch == poisoned:
-            gamma = self.model.get_layer("bn_1").gamma
-            gamma.assign(tf.fill(gamma.shape, np.nan))
-
-    monkeypatch.setattr(callbacks.StopOnNonFinite, "on_train_batch_begin", poison, raising=False)
+    nan_at(1, poisoned)  # a NaN weight from epoch 2 (0-based 1), batch `poisoned` (0-based) on
     err = _one_line_error(capsys, cli.main(argv), f"the training loss became nan in epoch 2, {where}: training stopped;", 1)
     assert "keeps the backup of the 1 finished epoch(s) and the best model so far (best_model.keras)" in err
     assert {"run.json", "backup", "history.json", "history.csv", "best_model.keras"} == set(os.listdir(out))
