@@ -2,8 +2,9 @@
 
 For each network (the MLPs 3x2048 and 3x256 on the embedded Fashion-MNIST subset,
 VGG-10 at width 1 and 0.25 on random 32x32x3 images in CIFAR-10's file format) and each
-of binaryconnect and binarynet, three ways to train it, interleaved (a b c a b c ...) so
-machine noise hits all alike:
+of binaryconnect and binarynet, four ways to train it, interleaved, each round starting
+one later (a b c d, b c d a, c d a b, ...), so machine noise and a setting's place in the
+round hit all alike:
 
 - (a) plain Larq: the same network written with Larq's ``"ste_sign"`` and
   ``"weight_clip"``, compiled with Keras' defaults, ``model.fit`` on NumPy arrays with
@@ -12,12 +13,16 @@ machine noise hits all alike:
 - (c) `bnn_keras.training.run` with both on "auto" (the defaults);
 - (d) `bnn_keras.training.run` with ``jit="on"`` (and the "auto" block): the evidence
   for the rule "auto" follows on this machine. For VGG-10 without op determinism
-  (``deterministic=False``): XLA has no deterministic MaxPool gradient.
+  (``deterministic=False``): XLA has no deterministic MaxPool gradient. For the MLPs
+  "auto" chooses exactly (d)'s settings, so their gap is this machine's noise.
 
 ms/step is an epoch's wall time (training and validation, as `EpochClock` measures it)
 over its training steps, the median of the epochs after the first (the first traces and
 compiles). Useful GFLOP/s is 6 x multiply-adds per example x batch / step time (forward
-2, backward 4), against a 2048x2048 float32 matmul measured in the same run. "input"
+2, backward 4), against a 2048x2048 float32 matmul measured in the same run, before
+each round of each network: "of matmul" is the median over rounds of (c)'s rate in a
+round over the matmul rate measured just before it (this shared machine's speed drifts
+within a run), with the range over rounds beside it. "input"
 is the time to draw one epoch's batches from bnn_keras' pipeline alone over (c)'s epoch
 time: the most its training can wait for data (prefetching overlaps it).
 
@@ -46,7 +51,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -87,6 +92,17 @@ def matmul_gflops() -> float:
     f().numpy()
     best = min(_timed(lambda: f().numpy()) for _ in range(20))
     return 2 * 2048**3 / best / 1e9
+
+
+def of_matmul(flop_per_step: float, ms_per_step: list[float], matmul: list[float]) -> list[float]:
+    """Each round's useful rate (`flop_per_step` at that round's ms/step) over the matmul GFLOP/s measured before it."""
+    return [flop_per_step / (ms / 1e3) / 1e9 / rate for ms, rate in zip(ms_per_step, matmul, strict=True)]
+
+
+def rotated(keys: str, number: int) -> str:
+    """`keys` in round `number`'s order: each round starts one later, so no setting always runs first or last."""
+    shift = number % len(keys)
+    return keys[shift:] + keys[:shift]
 
 
 def _timed(fn) -> float:
@@ -257,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=list(NETWORKS), default=list(NETWORKS))
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of a, b, c (default 2)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of a, b, c, d (default 2)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--dead-zone-only", action="store_true",
                         help="measure only DeadZoneMonitor's cost per epoch (the MLPs among --models)")
@@ -280,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     matmul = matmul_gflops()
     print(f"matmul 2048x2048 float32: {matmul:.1f} GFLOP/s", flush=True)
-    lines = []
+    lines: list[str] = []
+    matmuls = [matmul]
     for name in args.models:
         model_name, kwargs, dataset, limit, epochs = NETWORKS[name]
         for variant in args.variants:
@@ -298,28 +315,40 @@ def main(argv: list[str] | None = None) -> int:
             forced = recipe.replace(jit="on", deterministic=model_name == "mlp", output_dir=os.fspath(work / "d"))
             times: dict[str, list[float]] = {"a": [], "b": [], "c": [], "d": []}
             chosen: dict[str, Any] = {}
-            for _ in range(args.rounds):
-                times["a"].append(run_plain(recipe, arrays, shape, classes))
-                times["b"].append(run_bnn(off, steps)[0])
-                ms, chosen = run_bnn(auto, steps)
-                times["c"].append(ms)
-                times["d"].append(run_bnn(forced, steps)[0])
+            round_matmul: list[float] = []
+            runs: dict[str, Callable[[], tuple[float, dict[str, Any]]]] = {
+                "a": lambda: (run_plain(recipe, arrays, shape, classes), {}),
+                "b": lambda: run_bnn(off, steps),
+                "c": lambda: run_bnn(auto, steps),
+                "d": lambda: run_bnn(forced, steps),
+            }
+            for number in range(args.rounds):
+                round_matmul.append(matmul_gflops())
+                for key in rotated("abcd", number):
+                    ms, speed = runs[key]()
+                    times[key].append(ms)
+                    if key == "c":
+                        chosen = speed
             a, b, c, d = (statistics.median(times[k]) for k in "abcd")
             macs = macs_per_example(bk_models.get(model_name)(shape, classes, variant=variant, **kwargs))
             gflops = 6 * macs * BATCH / (c / 1e3) / 1e9
+            shares = of_matmul(6 * macs * BATCH, times["c"], round_matmul)
+            matmuls += round_matmul
             waiting = input_seconds(recipe) / (c / 1e3 * steps)
             line = (f"| {name} | {variant} | {a:.1f} | {b:.1f} | {c:.1f} | {d:.1f} | {b / a:.2f} | {c / a:.2f} | {d / a:.2f} | "
-                    f"{6 * macs * BATCH / (a / 1e3) / 1e9:.1f} | {gflops:.1f} ({gflops / matmul:.0%}) | {waiting:.1%} | "
+                    f"{6 * macs * BATCH / (a / 1e3) / 1e9:.1f} | {gflops:.1f} ({statistics.median(shares):.0%}; "
+                    f"{min(shares):.0%}-{max(shares):.0%}) | {waiting:.1%} | "
                     f"{'XLA' if chosen['jit_compile'] else 'no XLA'}, {chosen['steps_per_execution']} |")
             lines.append(line)
             print(line, flush=True)
     table = "\n".join([
         "| network | variant | (a) Larq ms/step | (b) off ms/step | (c) auto ms/step | (d) XLA ms/step | b/a | c/a | d/a | "
-        "(a) GFLOP/s | (c) GFLOP/s (of matmul) | input | auto chose |",
+        "(a) GFLOP/s | (c) GFLOP/s (of matmul; range over rounds) | input | auto chose |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|", *lines])
     header = (f"Measured by {command}"
               f" on {os.cpu_count()} CPU cores, TensorFlow {tf.__version__}, batch {BATCH}, Adam, "
-              f"{args.rounds} interleaved round(s), median; matmul 2048x2048 float32: {matmul:.1f} GFLOP/s; "
+              f"{args.rounds} interleaved round(s), median; matmul 2048x2048 float32: {statistics.median(matmuls):.1f} "
+              f"GFLOP/s (median of {len(matmuls)} measurements, {min(matmuls):.0f}-{max(matmuls):.0f}); "
               f"{time.perf_counter() - started:.0f} s in all.\n")
     dead_zone = ""
     if dead_zone_models:
