@@ -13,9 +13,10 @@ XLA-compiled function, interleaved round after round so machine noise hits all a
   of one of the update's passes at the memory bandwidth XLA reaches here.
 
 It prints ms per call (median over rounds) and the matmul 2048x2048 float32 GFLOP/s of the
-same run, and writes benchmarks/results/step_split.md.
+same run (`fit_speed.matmul_gflops`, before each round), and writes
+benchmarks/results/step_split.md.
 
-    python benchmarks/step_split.py              # about 2 min on 2 cores
+    python benchmarks/step_split.py              # about 1 min on 2 cores
     python benchmarks/step_split.py --rounds 9 --calls 20
 """
 
@@ -32,32 +33,18 @@ from typing import Callable
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import bnn_keras  # noqa: E402, F401
 from bnn_keras import models as bk_models  # noqa: E402
 from bnn_keras import optimizers as bk_optimizers  # noqa: E402
+from fit_speed import matmul_gflops  # noqa: E402  (the same reference as fit_speed's share)
 
 RESULTS = Path(__file__).parent / "results" / "step_split.md"
 BATCH = 100
 SHAPE = (28, 28, 1)
 CLASSES = 10
 PARTS = ("step", "gradients", "update", "matmuls", "pass")
-
-
-def matmul_gflops() -> float:
-    a = tf.random.normal((2048, 2048))
-    matmul = tf.function(lambda x: x @ x, jit_compile=True)
-    matmul(a).numpy()
-    best = min(_seconds(lambda: matmul(a).numpy()) for _ in range(10))
-    return 2 * 2048**3 / best / 1e9
-
-
-def _seconds(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def parts(variant: str) -> dict[str, Callable[[], object]]:
